@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`.
+#
+# The install deliberately runs pip with --isolated: this machine type's pip config points at a local
+# CPU-only torch wheel, with which torchvision (needed by open_clip) fails to import. --isolated ignores
+# that user config and the PIP_* environment, so pip takes PyPI's regular torch build (CUDA 13, which
+# also runs on a CPU).
+PYTHON ?= python3
+VENV ?= .venv
+DALI ?= dali-cuda130
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --isolated --progress-bar off
+
+.PHONY: install test demo lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -r requirements.txt -e ".[dev,$(DALI)]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) scripts/smoke_train.py
+
+lint: install
+	$(VENV)/bin/ruff check alip tests benchmarks scripts tools
+	$(VENV)/bin/ruff format --check alip tests benchmarks scripts tools
+
+bench: install
+	$(PY) benchmarks/loss_cost.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

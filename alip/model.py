@@ -1,0 +1,237 @@
+"""open_clip-backed model factory, the bi-path forward, checkpoint loading and export.
+
+We use open_clip as a library: its model configs, create_model and tokenizer. ALIP's model is a
+plain open_clip CLIP (one image tower, one text tower shared by raw text and caption), so the
+official ALIP ViT-B/32 weights load into open_clip's `ViT-B-32` once DDP's `module.` is stripped,
+and what we export loads in open_clip and CLIP_benchmark unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Small configs of ours (tests, demo), registered with open_clip so every open_clip entry point
+# (create_model, get_tokenizer, list_models) knows them by name.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+# Prefixes wrappers put in front of parameter names: DDP, torch.compile, our BiPathCLIP.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "clip.")
+# Where our training checkpoints keep the model weights (alip.train writes this key).
+TRAIN_CHECKPOINT_MODEL_KEY = "model"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: unsafe, unreadable or not matching the model."""
+
+
+def create_model(
+    model_name: str = "ViT-B-32",
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    **kwargs: Any,
+) -> tuple[nn.Module, Any, Any]:
+    """Build any open_clip architecture by name. Returns (model, preprocess_train, preprocess_val).
+
+    `pretrained` is a local checkpoint file in any format `load_checkpoint` accepts (the ALIP
+    release, open_clip, ours, safetensors), or an open_clip pretrained tag, which open_clip fetches
+    from its hub where the machine can reach it. Extra keyword arguments go to open_clip.
+    """
+    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(
+            f"unknown model {model_name!r}; open_clip knows {len(open_clip.list_models())} configs, "
+            "e.g. ViT-B-32, ViT-B-16, RN50, ALIP-Tiny (see open_clip.list_models())"
+        )
+    local_file = pretrained is not None and Path(pretrained).is_file()
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        model_name,
+        pretrained=None if local_file else pretrained,
+        device=device,
+        precision=precision,
+        **kwargs,
+    )
+    if local_file:
+        load_checkpoint(model, pretrained)
+    return model, preprocess_train, preprocess_val
+
+
+def get_tokenizer(model_name: str = "ViT-B-32") -> Any:
+    """open_clip's tokenizer for the model (CLIP BPE, context 77 for the CLIP configs)."""
+    return open_clip.get_tokenizer(model_name)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The open_clip model inside DDP / torch.compile / BiPathCLIP wrappers."""
+    while True:
+        if isinstance(model, BiPathCLIP):
+            model = model.clip
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DataParallel
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+class BiPathCLIP(nn.Module):
+    """ALIP's bi-path forward over one open_clip CLIP: image, raw text and caption features.
+
+    Raw text and caption go through the shared text tower in ONE batched call ([2B, L] tokens):
+    one pass, one set of kernel launches, and under DDP one autograd graph per step. This is the
+    module to wrap in DDP, so that DDP's forward hooks see the whole step.
+    """
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, caption: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        image_features = self.clip.encode_image(image, normalize=True)  # [B, D]
+        tokens = text if caption is None else torch.cat([text, caption])  # [B or 2B, L]
+        text_features = self.clip.encode_text(tokens, normalize=True)
+        raw_features, caption_features = text_features, None
+        if caption is not None:
+            raw_features, caption_features = text_features.split(text.shape[0])  # [B, D] each
+        return {
+            "image_features": image_features,
+            "raw_features": raw_features,
+            "caption_features": caption_features,
+            "logit_scale": self.clip.logit_scale.exp(),
+        }
+
+
+def _read_checkpoint(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        # weights_only: a checkpoint must never run code. Unpickling a foreign class fails here.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {path}: it contains Python objects other than tensors and plain containers, "
+            f"which could run code when unpickled (torch.load weights_only=True said: {str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """Find the model weights in a loaded checkpoint; returns (state_dict, format name).
+
+    Formats: our training checkpoint ({"model": sd, ...}), open_clip ({"state_dict": sd, ...}),
+    the ALIP release / plain export (a bare sd). DDP's `module.` and torch.compile's `_orig_mod.`
+    prefixes are stripped.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a state dict")
+    if isinstance(checkpoint.get(TRAIN_CHECKPOINT_MODEL_KEY), Mapping):
+        state_dict, fmt = checkpoint[TRAIN_CHECKPOINT_MODEL_KEY], "alip-train"
+    elif isinstance(checkpoint.get("state_dict"), Mapping):
+        state_dict, fmt = checkpoint["state_dict"], "open_clip"
+    else:
+        state_dict, fmt = checkpoint, "state_dict"
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{source} ({fmt} format) has non-tensor entries: {not_tensors[:5]}")
+    out = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        out[key] = value
+    if len(out) != len(state_dict):
+        raise CheckpointError(f"{source}: keys collide after stripping wrapper prefixes {_WRAPPER_PREFIXES}")
+    return out, fmt
+
+
+def _describe_mismatch(
+    source: str, missing: list[str], unexpected: list[str], shapes: list[tuple[str, tuple, tuple]]
+) -> str:
+    def listing(items: list[str]) -> str:
+        shown = ", ".join(items[:20])
+        return shown + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
+
+    lines = [f"{source} does not match the model:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {listing(unexpected)}")
+    if shapes:
+        lines.append(f"  shape mismatches ({len(shapes)}):")
+        lines += [f"    {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in shapes[:20]]
+    lines.append("  (was it trained with another architecture? pass the matching model name)")
+    return "\n".join(lines)
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | Path, strict: bool = True) -> str:
+    """Load weights into `model` (or the open_clip model inside its wrappers); returns the format name.
+
+    Accepts the original ALIP release (bare state dict with DDP `module.` keys), open_clip
+    checkpoints ({"state_dict": ...}, with or without `module.`), our training checkpoints and
+    safetensors exports. Always loads with weights_only=True. A mismatch raises CheckpointError
+    naming the missing and unexpected keys and the differing shapes.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    target = unwrap_model(model)
+    state_dict, fmt = extract_state_dict(_read_checkpoint(path), source=str(path))
+    expected = target.state_dict()
+    # Non-persistent buffers (e.g. the text attention mask) may be in checkpoints of older
+    # open_clip versions; they are rebuilt by the model, so they are neither missing nor unexpected.
+    non_persistent = {name for name, _ in target.named_buffers()} - expected.keys()
+    state_dict = {k: v for k, v in state_dict.items() if k not in non_persistent}
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    shapes = [
+        (k, tuple(v.shape), tuple(expected[k].shape))
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if shapes or (strict and (missing or unexpected)):
+        raise CheckpointError(_describe_mismatch(str(path), missing, unexpected, shapes))
+    target.load_state_dict(state_dict, strict=strict)
+    logger.info("loaded %s checkpoint %s", fmt, path)
+    return fmt
+
+
+def export_model(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the model as a plain open_clip state dict: `.safetensors`, or `.pt`/`.bin` (torch.save).
+
+    Both load unchanged with `open_clip.create_model(name, pretrained=path)` and CLIP_benchmark.
+    `metadata` (strings only) goes into the safetensors header.
+    """
+    path = Path(path)
+    # Contiguous CPU copies: safetensors refuses views and shared storage, and a .pt should not
+    # pin the tensors to the device they were trained on.
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(model).state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state_dict, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        torch.save(state_dict, tmp)
+    else:
+        raise ValueError(f"export path must end in .safetensors, .pt, .pth or .bin, got {path.name}")
+    tmp.replace(path)  # atomic: a crash never leaves a half-written export under the final name
+    return path
