@@ -15,9 +15,10 @@ computed over the gathered (global) batch, so they are identical on every rank. 
 `gather_with_grad=True` the gather's backward sums every rank's gradient into the local slice, and
 after DDP's gradient averaging the update equals one process on the whole batch (tested in
 tests/test_distributed.py, local loss on and off). `gather_with_grad=False` is open_clip's
-cheaper variant and is NOT world-size invariant: without local loss the DDP-averaged gradient is
-the single-process one divided by world_size (Adam barely notices, grad clipping does); with local
-loss the gradient through other ranks' negatives is dropped altogether.
+cheaper variant and is NOT world-size invariant: without local loss the DDP-averaged gradient of
+the towers is the single-process one divided by world_size while logit_scale's is not (Adam barely
+notices, grad clipping does); with local loss the gradient through other ranks' negatives is
+dropped altogether.
 """
 
 from __future__ import annotations
