@@ -66,7 +66,8 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         return DistEnv()
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
         raise ValueError(
-            f"inconsistent {source} environment: rank={rank}, local_rank={local_rank}, world_size={world_size}"
+            f"inconsistent {source} environment: "
+            f"rank={rank}, local_rank={local_rank}, world_size={world_size}"
         )
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, source=source)
 
@@ -100,7 +101,9 @@ def init_distributed(
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
-    logger.info("initialised %s process group: rank %d / %d (%s)", backend, env.rank, env.world_size, env.source)
+    logger.info(
+        "initialised %s process group: rank %d / %d (%s)", backend, env.rank, env.world_size, env.source
+    )
     return env
 
 

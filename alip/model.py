@@ -124,7 +124,8 @@ def _read_checkpoint(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {path}: it contains Python objects other than tensors and plain containers, "
-            f"which could run code when unpickled (torch.load weights_only=True said: {str(e).splitlines()[0]})"
+            "which could run code when unpickled "
+            f"(torch.load weights_only=True said: {str(e).splitlines()[0]})"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e

@@ -90,7 +90,11 @@ def nan_on_one_rank(rank, world_size):
 
 def _worker(rank, port, out_dir):
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     env = alip.init_distributed(timeout_s=60)
@@ -110,7 +114,9 @@ def _free_port():
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
-    ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -125,7 +131,7 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(two_rank_results, local_
     torch.set_num_threads(1)
     single = run_case(local_loss, True, rank=0, world_size=1)
     for rank_steps in two_rank_results:
-        for got, want in zip(rank_steps[(local_loss, True)], single):
+        for got, want in zip(rank_steps[(local_loss, True)], single, strict=True):
             torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got["weights"], want["weights"], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got["ema"], want["ema"], rtol=1e-6, atol=1e-7)
@@ -137,21 +143,23 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(two_rank_results, local_
 
 def test_gate_weights_are_identical_on_every_rank(two_rank_results):
     for case in CASES:
-        for a, b in zip(two_rank_results[0][case], two_rank_results[1][case]):
+        for a, b in zip(two_rank_results[0][case], two_rank_results[1][case], strict=True):
             assert torch.equal(a["weights"], b["weights"]) and a["ema"] == b["ema"]
 
 
 def test_gather_without_grad_matches_open_clip_semantics(two_rank_results):
     single = run_case(False, True, rank=0, world_size=1)
-    for got, want in zip(two_rank_results[0][(False, False)], single):
+    for got, want in zip(two_rank_results[0][(False, False)], single, strict=True):
         # every rank computes the whole N x N loss, so logit_scale's gradient is exact; the towers
         # only get the gradient of their own features, which DDP's averaging divides by the world size
         for name, g in want["grads"].items():
             factor = 1 if name == "logit_scale" else WORLD
             torch.testing.assert_close(got["grads"][name] * factor, g, rtol=1e-4, atol=1e-6, msg=name)
     single_local = run_case(True, True, rank=0, world_size=1)
-    for got, want in zip(two_rank_results[0][(True, False)], single_local):
-        torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)  # same value, cheaper grad
+    for got, want in zip(two_rank_results[0][(True, False)], single_local, strict=True):
+        torch.testing.assert_close(
+            got["loss"], want["loss"], rtol=1e-5, atol=1e-6
+        )  # same value, cheaper grad
 
 
 def test_non_finite_features_on_one_rank_skip_the_step_on_all_ranks(two_rank_results):
@@ -160,7 +168,9 @@ def test_non_finite_features_on_one_rank_skip_the_step_on_all_ranks(two_rank_res
 
 
 def test_read_env_torchrun_slurm_and_single():
-    env = alip.read_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    env = alip.read_env(
+        {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    )
     assert (env.rank, env.local_rank, env.world_size, env.source) == (3, 1, 8, "torchrun")
     env = alip.read_env({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16"})
     assert (env.rank, env.local_rank, env.world_size, env.source) == (5, 1, 16, "slurm")

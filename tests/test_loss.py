@@ -56,7 +56,9 @@ class NaiveAlip:
 
         def l_i(a, b, i):
             def ce(x, y):  # -log softmax_i of row i of scale * x @ y^T
-                logits = [scale * sum(float(x[i, k]) * float(y[j, k]) for k in range(x.shape[1])) for j in range(n)]
+                logits = [
+                    scale * sum(float(x[i, k]) * float(y[j, k]) for k in range(x.shape[1])) for j in range(n)
+                ]
                 mx = max(logits)
                 return -(logits[i] - mx - math.log(sum(math.exp(z - mx) for z in logits)))
 
@@ -64,7 +66,14 @@ class NaiveAlip:
 
         loss_raw = sum(ws[i] * wt[i] * l_i(v, t, i) for i in range(n)) / n
         loss_cap = sum(ws[i] * wc[i] * l_i(v, c, i) for i in range(n)) / n
-        return {"loss_raw": loss_raw, "loss_caption": loss_cap, "ws": ws, "wt": wt, "wc": wc, "mu": dict(self.mu)}
+        return {
+            "loss_raw": loss_raw,
+            "loss_caption": loss_cap,
+            "ws": ws,
+            "wt": wt,
+            "wc": wc,
+            "mu": dict(self.mu),
+        }
 
 
 @pytest.mark.parametrize("pair_gate", ["official", "paper"])
@@ -79,8 +88,12 @@ def test_matches_naive_reference_over_steps(pair_gate):
         assert out["loss_raw"].item() == pytest.approx(want["loss_raw"], rel=1e-5)
         assert out["loss_caption"].item() == pytest.approx(want["loss_caption"], rel=1e-5)
         assert out["loss"].item() == pytest.approx(want["loss_raw"] + want["loss_caption"], rel=1e-5)
-        torch.testing.assert_close(out["weight_sample"], torch.tensor(want["ws"]), rtol=1e-5, atol=1e-6, check_dtype=False)
-        torch.testing.assert_close(out["weight_raw"], torch.tensor(want["wt"]), rtol=1e-5, atol=1e-6, check_dtype=False)
+        torch.testing.assert_close(
+            out["weight_sample"], torch.tensor(want["ws"]), rtol=1e-5, atol=1e-6, check_dtype=False
+        )
+        torch.testing.assert_close(
+            out["weight_raw"], torch.tensor(want["wt"]), rtol=1e-5, atol=1e-6, check_dtype=False
+        )
         torch.testing.assert_close(
             out["weight_caption"], torch.tensor(want["wc"]), rtol=1e-5, atol=1e-6, check_dtype=False
         )
