@@ -185,7 +185,9 @@ class AlipLoss(nn.Module):
     @staticmethod
     def _check_finite(gathered: list[torch.Tensor], logit_scale: torch.Tensor) -> None:
         # One host sync for all checks. Runs after the gather, so all ranks see the same tensors.
-        flags = torch.stack([g.detach().isfinite().all() for g in gathered] + [logit_scale.isfinite().all()])
+        # A sum is non-finite iff some element is NaN/inf (or the sum overflows, which L2-normalised
+        # features cannot): one reduction pass instead of isfinite's full-size temporaries.
+        flags = torch.stack([g.detach().sum().isfinite() for g in gathered] + [logit_scale.isfinite().all()])
         if not bool(flags.all()):
             names = ["image_features", "raw_features", "caption_features"][: len(gathered)] + ["logit_scale"]
             bad = [n for n, ok in zip(names, flags.tolist(), strict=True) if not ok]

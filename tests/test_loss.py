@@ -165,17 +165,19 @@ def test_eval_mode_scores_without_updating_the_ema():
     assert all(torch.equal(before[k], v) for k, v in loss_fn.state_dict().items())
 
 
-@pytest.mark.parametrize("where", ["image", "raw", "caption", "scale"])
-def test_non_finite_inputs_raise_and_leave_state_alone(where):
+@pytest.mark.parametrize(
+    "where,value", [("image", "nan"), ("raw", "nan"), ("caption", "nan"), ("caption", "-inf"), ("scale", "inf")]
+)
+def test_non_finite_inputs_raise_and_leave_state_alone(where, value):
     loss_fn = alip.AlipLoss()
     v, t, c = noisy_batch()
     scale = torch.tensor(12.0, dtype=torch.float64)
     bad = {"image": v, "raw": t, "caption": c}
     if where == "scale":
-        scale = torch.tensor(float("inf"), dtype=torch.float64)
+        scale = torch.tensor(float(value), dtype=torch.float64)
     else:
         bad[where] = bad[where].clone()
-        bad[where][3, 0] = float("nan")
+        bad[where][3, 0] = float(value)
     with pytest.raises(alip.NonFiniteLossInputError, match="logit_scale" if where == "scale" else where):
         loss_fn(bad["image"], bad["raw"], bad["caption"], scale)
     assert all(v.item() == 1.0 for v in loss_fn.state_dict().values())
