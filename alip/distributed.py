@@ -94,12 +94,15 @@ def init_distributed(
             "scripts/ for an example)"
         )
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    # Telling NCCL its device up front avoids guessing it at the first barrier (and the warning).
+    device_id = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
     dist.init_process_group(
         backend=backend,
         init_method="env://",
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device_id,
     )
     logger.info(
         "initialised %s process group: rank %d / %d (%s)", backend, env.rank, env.world_size, env.source

@@ -77,6 +77,10 @@ class AlipLoss(nn.Module):
     (scalar to backward), the terms "loss_raw"/"loss_caption", and the applied weights
     "weight_sample"/"weight_raw"/"weight_caption" over the global batch [N] (detached). With
     use_caption=False there is no caption term and no caption weight.
+
+    In train mode each call moves the gate EMAs (once per optimizer step: with gradient
+    accumulation, call it once on the whole batch's features). In eval mode they stay frozen,
+    which is how a trained model's gates score data. Every rank must pass the same B.
     """
 
     def __init__(

@@ -166,7 +166,8 @@ def test_eval_mode_scores_without_updating_the_ema():
 
 
 @pytest.mark.parametrize(
-    "where,value", [("image", "nan"), ("raw", "nan"), ("caption", "nan"), ("caption", "-inf"), ("scale", "inf")]
+    "where,value",
+    [("image", "nan"), ("raw", "nan"), ("caption", "nan"), ("caption", "-inf"), ("scale", "inf")],
 )
 def test_non_finite_inputs_raise_and_leave_state_alone(where, value):
     loss_fn = alip.AlipLoss()
