@@ -27,6 +27,7 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 # Prefixes wrappers put in front of parameter names: DDP, torch.compile, our BiPathCLIP.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "clip.")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # Where our training checkpoints keep the model weights (alip.train writes this key).
 TRAIN_CHECKPOINT_MODEL_KEY = "model"
 
@@ -54,6 +55,9 @@ def create_model(
             "e.g. ViT-B-32, ViT-B-16, RN50, ALIP-Tiny (see open_clip.list_models())"
         )
     local_file = pretrained is not None and Path(pretrained).is_file()
+    if pretrained is not None and not local_file and Path(pretrained).suffix in _CHECKPOINT_SUFFIXES:
+        # Looks like a file, not an open_clip tag: say so instead of asking a hub for it.
+        raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         model_name,
         pretrained=None if local_file else pretrained,

@@ -125,6 +125,8 @@ def test_create_model_with_a_local_checkpoint(tmp_path, probe):
     torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "alip.pt")
     model, _, _ = alip.create_model(NAME, pretrained=str(tmp_path / "alip.pt"))
     assert torch.equal(outputs(model.eval(), probe)[0], outputs(source, probe)[0])
+    with pytest.raises(FileNotFoundError, match="pretrained checkpoint not found"):
+        alip.create_model(NAME, pretrained=str(tmp_path / "missing.pt"))
 
 
 def test_mismatch_names_missing_unexpected_keys_and_shapes(tmp_path):
