@@ -66,15 +66,12 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         return DistEnv()
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
         raise ValueError(
-            f"inconsistent {source} environment: "
-            f"rank={rank}, local_rank={local_rank}, world_size={world_size}"
+            f"inconsistent {source} environment: rank={rank}, local_rank={local_rank}, world_size={world_size}"
         )
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, source=source)
 
 
-def init_distributed(
-    env: DistEnv | None = None, backend: str | None = None, timeout_s: float = 1800.0
-) -> DistEnv:
+def init_distributed(env: DistEnv | None = None, backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
     """Initialise torch.distributed for `env` (default: read from the environment).
 
     NCCL when CUDA is present, gloo on CPU. A single process does not create a process group:
@@ -104,9 +101,7 @@ def init_distributed(
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device_id,
     )
-    logger.info(
-        "initialised %s process group: rank %d / %d (%s)", backend, env.rank, env.world_size, env.source
-    )
+    logger.info("initialised %s process group: rank %d / %d (%s)", backend, env.rank, env.world_size, env.source)
     return env
 
 

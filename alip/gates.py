@@ -83,9 +83,7 @@ class ConsistencyGates(nn.Module):
             self.register_buffer(name, torch.tensor(1.0, dtype=torch.float32))
 
     @torch.no_grad()
-    def forward(
-        self, s_tc: torch.Tensor, s_it: torch.Tensor, s_ic: torch.Tensor, update: bool = True
-    ) -> GateWeights:
+    def forward(self, s_tc: torch.Tensor, s_it: torch.Tensor, s_ic: torch.Tensor, update: bool = True) -> GateWeights:
         """Weights for similarities [N] over the global batch.
 
         With `update`, the EMAs take this batch's means first and the weights use the updated

@@ -56,8 +56,7 @@ def _symmetric_ce(
         logits_ba = logits_ab.T
         labels = torch.arange(a_all.shape[0], device=a_all.device)
     return (
-        F.cross_entropy(logits_ab, labels, reduction="none")
-        + F.cross_entropy(logits_ba, labels, reduction="none")
+        F.cross_entropy(logits_ab, labels, reduction="none") + F.cross_entropy(logits_ba, labels, reduction="none")
     ) / 2
 
 
@@ -116,8 +115,7 @@ class AlipLoss(nn.Module):
         if world_size > 1 and not self.gather_with_grad and not self.local_loss:
             # open_clip's trick: put the local tensors (which carry grad) back into the gathered copy.
             gathered = [
-                torch.cat([g[: rank * batch], x, g[(rank + 1) * batch :]])
-                for g, x in zip(gathered, local, strict=True)
+                torch.cat([g[: rank * batch], x, g[(rank + 1) * batch :]]) for g, x in zip(gathered, local, strict=True)
             ]
         logit_scale = torch.as_tensor(logit_scale, device=image_features.device)
         self._check_finite(gathered, logit_scale)
@@ -130,9 +128,7 @@ class AlipLoss(nn.Module):
         logit_scale = logit_scale.to(dtype)
         v_all, t_all = gathered[0], gathered[1]
         use_local_rows = self.local_loss and world_size > 1
-        rows = (
-            slice(rank * batch, (rank + 1) * batch) if use_local_rows else slice(None)
-        )  # this rank's weights
+        rows = slice(rank * batch, (rank + 1) * batch) if use_local_rows else slice(None)  # this rank's weights
         ce_raw = _symmetric_ce(local[0], local[1], v_all, t_all, logit_scale, rank * batch, use_local_rows)
 
         if not self.use_caption:
@@ -152,9 +148,7 @@ class AlipLoss(nn.Module):
             w_sample, w_raw, w_caption = weights
         else:
             w_sample = w_raw = w_caption = torch.ones(v_all.shape[0], device=v_all.device)
-        ce_caption = _symmetric_ce(
-            local[0], local[2], v_all, c_all, logit_scale, rank * batch, use_local_rows
-        )
+        ce_caption = _symmetric_ce(local[0], local[2], v_all, c_all, logit_scale, rank * batch, use_local_rows)
         loss_raw = (w_sample[rows] * w_raw[rows] * ce_raw).mean()
         loss_caption = (w_sample[rows] * w_caption[rows] * ce_caption).mean()
         return {
@@ -166,20 +160,15 @@ class AlipLoss(nn.Module):
             "weight_caption": w_caption,
         }
 
-    def _check_local(
-        self, image: torch.Tensor, raw: torch.Tensor, caption: torch.Tensor | None
-    ) -> list[torch.Tensor]:
+    def _check_local(self, image: torch.Tensor, raw: torch.Tensor, caption: torch.Tensor | None) -> list[torch.Tensor]:
         if self.use_caption and caption is None:
-            raise ValueError(
-                "AlipLoss(use_caption=True) needs caption_features; pass use_caption=False for CLIP"
-            )
+            raise ValueError("AlipLoss(use_caption=True) needs caption_features; pass use_caption=False for CLIP")
         feats = [image, raw] + ([caption] if self.use_caption else [])
         names = ["image_features", "raw_features", "caption_features"]
         for name, x in zip(names, feats, strict=False):  # no caption with use_caption=False
             if x.ndim != 2 or x.shape != image.shape:
                 raise ValueError(
-                    f"{name} has shape {tuple(x.shape)}; "
-                    f"expected [B, D] = {tuple(image.shape)} like image_features"
+                    f"{name} has shape {tuple(x.shape)}; expected [B, D] = {tuple(image.shape)} like image_features"
                 )
         dtype = feats[0].dtype
         for x in feats[1:]:
@@ -195,6 +184,4 @@ class AlipLoss(nn.Module):
         if not bool(flags.all()):
             names = ["image_features", "raw_features", "caption_features"][: len(gathered)] + ["logit_scale"]
             bad = [n for n, ok in zip(names, flags.tolist(), strict=True) if not ok]
-            raise NonFiniteLossInputError(
-                f"non-finite values in {', '.join(bad)} (global batch); step skipped"
-            )
+            raise NonFiniteLossInputError(f"non-finite values in {', '.join(bad)} (global batch); step skipped")

@@ -56,8 +56,7 @@ class EmulatedGather:
         gen = torch.Generator(device="cpu").manual_seed(1)
         self.rank, self.batch = rank, batch
         self.others = [
-            F.normalize(torch.randn(world * batch, dim, generator=gen), dim=-1).to(device)
-            for _ in range(streams)
+            F.normalize(torch.randn(world * batch, dim, generator=gen), dim=-1).to(device) for _ in range(streams)
         ]
 
     def __call__(self, tensors, with_grad=False):
@@ -112,9 +111,7 @@ def model_step_per_sample(model_name, micro_batch, device, amp, reps):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--global-batches", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--batch", type=int, default=512, help="per-rank batch (default 512, the recipe's)")
@@ -134,9 +131,7 @@ def main():
     per_sample = model_step_per_sample(args.model, args.model_micro_batch, device, args.amp, reps=3)
     step_s = per_sample * args.batch
     info = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,

@@ -64,9 +64,7 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="ALIP-Tiny", help="open_clip architecture (default ALIP-Tiny)")
@@ -86,8 +84,7 @@ def main() -> None:
     noisy = torch.tensor([s[3] for s in SAMPLES])
 
     print(
-        f"smoke run: {args.model}, {len(SAMPLES)} photos ({int(noisy.sum())} with noisy raw text), "
-        f"{args.steps} steps"
+        f"smoke run: {args.model}, {len(SAMPLES)} photos ({int(noisy.sum())} with noisy raw text), {args.steps} steps"
     )
     print(f"{'step':>5} {'loss':>7} {'raw':>7} {'caption':>7} {'w_s clean':>9} {'w_s noisy':>9}")
     start = time.perf_counter()

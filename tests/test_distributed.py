@@ -114,9 +114,7 @@ def _free_port():
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
-    ctx = mp.start_processes(
-        _worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn"
-    )
+    ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -157,9 +155,7 @@ def test_gather_without_grad_matches_open_clip_semantics(two_rank_results):
             torch.testing.assert_close(got["grads"][name] * factor, g, rtol=1e-4, atol=1e-6, msg=name)
     single_local = run_case(True, True, rank=0, world_size=1)
     for got, want in zip(two_rank_results[0][(True, False)], single_local, strict=True):
-        torch.testing.assert_close(
-            got["loss"], want["loss"], rtol=1e-5, atol=1e-6
-        )  # same value, cheaper grad
+        torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)  # same value, cheaper grad
 
 
 def test_non_finite_features_on_one_rank_skip_the_step_on_all_ranks(two_rank_results):
@@ -168,9 +164,7 @@ def test_non_finite_features_on_one_rank_skip_the_step_on_all_ranks(two_rank_res
 
 
 def test_read_env_torchrun_slurm_and_single():
-    env = alip.read_env(
-        {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
-    )
+    env = alip.read_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
     assert (env.rank, env.local_rank, env.world_size, env.source) == (3, 1, 8, "torchrun")
     env = alip.read_env({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16"})
     assert (env.rank, env.local_rank, env.world_size, env.source) == (5, 1, 16, "slurm")

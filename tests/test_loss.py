@@ -56,9 +56,7 @@ class NaiveAlip:
 
         def l_i(a, b, i):
             def ce(x, y):  # -log softmax_i of row i of scale * x @ y^T
-                logits = [
-                    scale * sum(float(x[i, k]) * float(y[j, k]) for k in range(x.shape[1])) for j in range(n)
-                ]
+                logits = [scale * sum(float(x[i, k]) * float(y[j, k]) for k in range(x.shape[1])) for j in range(n)]
                 mx = max(logits)
                 return -(logits[i] - mx - math.log(sum(math.exp(z - mx) for z in logits)))
 
@@ -91,9 +89,7 @@ def test_matches_naive_reference_over_steps(pair_gate):
         torch.testing.assert_close(
             out["weight_sample"], torch.tensor(want["ws"]), rtol=1e-5, atol=1e-6, check_dtype=False
         )
-        torch.testing.assert_close(
-            out["weight_raw"], torch.tensor(want["wt"]), rtol=1e-5, atol=1e-6, check_dtype=False
-        )
+        torch.testing.assert_close(out["weight_raw"], torch.tensor(want["wt"]), rtol=1e-5, atol=1e-6, check_dtype=False)
         torch.testing.assert_close(
             out["weight_caption"], torch.tensor(want["wc"]), rtol=1e-5, atol=1e-6, check_dtype=False
         )

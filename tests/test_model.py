@@ -60,9 +60,7 @@ def test_bipath_encodes_raw_text_and_caption_in_one_call(probe):
         out = alip.BiPathCLIP(model)(image, raw, cap)
     assert spy.call_count == 1 and spy.call_args.args[0].shape == (8, 77)
     with torch.no_grad():
-        torch.testing.assert_close(
-            out["raw_features"], model.encode_text(raw, normalize=True), atol=1e-6, rtol=1e-5
-        )
+        torch.testing.assert_close(out["raw_features"], model.encode_text(raw, normalize=True), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(
             out["caption_features"], model.encode_text(cap, normalize=True), atol=1e-6, rtol=1e-5
         )

@@ -20,13 +20,9 @@ import alip
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="input checkpoint (.pt/.pth/.bin/.safetensors)")
-    parser.add_argument(
-        "output", type=Path, help="output file: .safetensors, or .pt/.pth/.bin for torch.save"
-    )
+    parser.add_argument("output", type=Path, help="output file: .safetensors, or .pt/.pth/.bin for torch.save")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture name (default: ViT-B-32)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

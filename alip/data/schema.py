@@ -1,0 +1,174 @@
+"""The record layout (DESIGN.md section 5) and the meta JSON that describes a set of shards.
+
+One record per sample: `IRHeader(flag=154, label=float32[154], id=key, id2=0)` then JPEG bytes.
+`label[:77]` are the CLIP BPE token ids of the raw text, `label[77:]` those of the caption (zero
+padded; ids < 2**24 are exact in float32). This is the original ALIP release's layout, so its
+single `.rec` reads the same way as our shards.
+
+Shards are `{prefix}-{k:05d}.rec/.idx`; `{prefix}.meta.json` beside them names the shards with
+their record counts and checksums, the tokenizer, the layout and where the data came from.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alip.data.recordio import IRHeader, RecordIOError, pack, unpack
+
+CONTEXT_LENGTH = 77
+LABEL_LENGTH = 2 * CONTEXT_LENGTH
+META_FORMAT = "alip-recordio"
+META_VERSION = 1
+LAYOUT = {
+    "header_flag": LABEL_LENGTH,
+    "label_dtype": "float32",
+    "fields": [
+        {"name": "raw_text_tokens", "offset": 0, "length": CONTEXT_LENGTH},
+        {"name": "caption_tokens", "offset": CONTEXT_LENGTH, "length": CONTEXT_LENGTH},
+    ],
+    "image": "jpeg",
+    "id": "record key (position in the shuffled dataset)",
+    "id2": 0,
+}
+
+
+def shard_stem(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:05d}"
+
+
+def meta_path(out_dir: str | Path, prefix: str) -> Path:
+    return Path(out_dir) / f"{prefix}.meta.json"
+
+
+def encode_label(raw_tokens: np.ndarray, caption_tokens: np.ndarray) -> np.ndarray:
+    """Two [77] token rows -> the float32[154] label."""
+    raw, cap = np.asarray(raw_tokens), np.asarray(caption_tokens)
+    if raw.shape != (CONTEXT_LENGTH,) or cap.shape != (CONTEXT_LENGTH,):
+        raise ValueError(f"token rows must have shape ({CONTEXT_LENGTH},), got {raw.shape} and {cap.shape}")
+    return np.concatenate([raw, cap]).astype(np.float32)
+
+
+def decode_label(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32[..., 154] label -> (raw tokens, caption tokens) as int64 [..., 77] each."""
+    label = np.asarray(label)
+    if label.shape[-1] != LABEL_LENGTH:
+        raise ValueError(f"label has {label.shape[-1]} values, expected {LABEL_LENGTH} (77 raw + 77 caption tokens)")
+    tokens = np.rint(label).astype(np.int64)
+    return tokens[..., :CONTEXT_LENGTH], tokens[..., CONTEXT_LENGTH:]
+
+
+def make_record(key: int, jpeg: bytes, raw_tokens: np.ndarray, caption_tokens: np.ndarray) -> bytes:
+    return pack(IRHeader(LABEL_LENGTH, encode_label(raw_tokens, caption_tokens), key, 0), jpeg)
+
+
+def parse_record(record: bytes) -> tuple[int, np.ndarray, np.ndarray, bytes]:
+    """Record bytes -> (key, raw tokens [77], caption tokens [77], JPEG bytes)."""
+    header, payload = unpack(record)
+    if header.flag != LABEL_LENGTH:
+        raise RecordIOError(f"record {header.id}: label has {header.flag} floats, expected {LABEL_LENGTH}")
+    raw, cap = decode_label(header.label)
+    return header.id, raw, cap, payload
+
+
+@dataclass
+class ShardInfo:
+    rec: str  # path relative to the meta JSON's folder (absolute when resolved)
+    idx: str
+    records: int | None = None  # None when unknown (a glob or a bare .rec)
+    bytes: int | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class DatasetMeta:
+    shards: list[ShardInfo]
+    tokenizer: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, Any] = field(default_factory=lambda: dict(LAYOUT))
+    format: str = META_FORMAT
+    version: int = META_VERSION
+
+    @property
+    def num_records(self) -> int:
+        return sum(s.records or 0 for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["num_records"] = self.num_records
+        return d
+
+
+def write_meta(path: str | Path, meta: DatasetMeta) -> None:
+    """Write the meta JSON atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_meta(path: str | Path) -> DatasetMeta:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read shard meta {path}: {e}") from e
+    if d.get("format") != META_FORMAT:
+        raise ValueError(f"{path} is not an ALIP shard meta file (format={d.get('format')!r})")
+    if d.get("version", 0) > META_VERSION:
+        raise ValueError(f"{path} has meta version {d['version']}; this code reads up to {META_VERSION}")
+    return DatasetMeta(
+        shards=[ShardInfo(**s) for s in d["shards"]],
+        tokenizer=d.get("tokenizer", {}),
+        source=d.get("source", {}),
+        layout=d.get("layout", dict(LAYOUT)),
+    )
+
+
+def resolve_shards(spec: str | Path | list[str | Path]) -> list[ShardInfo]:
+    """Turn what a user passes into shard paths (absolute), with record counts where known.
+
+    Accepts a meta JSON, a directory holding exactly one meta JSON, a glob of `.rec` files, a single
+    `.rec` (the original release's layout, `.idx` beside it), or a list of any of these.
+    """
+    if isinstance(spec, (list, tuple)):
+        return [s for item in spec for s in resolve_shards(item)]
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir():
+        metas = sorted(path.glob("*.meta.json"))
+        if len(metas) != 1:
+            raise FileNotFoundError(
+                f"{path} holds {len(metas)} *.meta.json files; pass the meta JSON, a .rec glob or a .rec file"
+            )
+        path = metas[0]
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"shard meta not found: {path}")
+        base = path.parent
+        shards = []
+        for s in read_meta(path).shards:
+            shards.append(ShardInfo(str(base / s.rec), str(base / s.idx), s.records, s.bytes, s.sha256))
+        if not shards:
+            raise ValueError(f"{path} lists no shards")
+        return shards
+    recs = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+    if not recs:
+        raise FileNotFoundError(f"no .rec files match {text}")
+    out = []
+    for rec in recs:
+        rec_path = Path(rec)
+        if rec_path.suffix != ".rec":
+            raise ValueError(f"expected .rec files, got {rec}")
+        idx_path = rec_path.with_suffix(".idx")
+        for p in (rec_path, idx_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"shard file missing: {p}")
+        out.append(ShardInfo(str(rec_path.resolve()), str(idx_path.resolve())))
+    return out
