@@ -84,6 +84,7 @@ class ShardInfo:
     records: int | None = None  # None when unknown (a glob or a bare .rec)
     bytes: int | None = None
     sha256: str | None = None
+    texts: str | None = None  # sidecar with each record's original strings (data2rec writes it)
 
 
 @dataclass
@@ -154,7 +155,8 @@ def resolve_shards(spec: str | Path | list[str | Path]) -> list[ShardInfo]:
         base = path.parent
         shards = []
         for s in read_meta(path).shards:
-            shards.append(ShardInfo(str(base / s.rec), str(base / s.idx), s.records, s.bytes, s.sha256))
+            texts = str(base / s.texts) if s.texts else None
+            shards.append(ShardInfo(str(base / s.rec), str(base / s.idx), s.records, s.bytes, s.sha256, texts))
         if not shards:
             raise ValueError(f"{path} lists no shards")
         return shards

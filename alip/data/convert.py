@@ -1,0 +1,459 @@
+"""Manifest / img2dataset tars (+ caption sidecar) -> shuffled RecordIO shards + meta JSON.
+
+The steps, each restartable:
+1. Index the inputs (rows, tar members), join captions, and count every row that cannot become a
+   sample, with its reason.
+2. Shuffle the whole dataset once with a seed. DALI's reader only shuffles within a buffer, so
+   shards must already be mixed. Cut the shuffled list into shards by record count and/or
+   estimated size. The plan is a pure function of the inputs and options; its fingerprint is
+   saved, so a rerun with different inputs cannot silently mix two plans.
+3. Write the shards in parallel worker processes. Each worker decodes and validates every image,
+   tokenises both texts, and writes `.rec`/`.idx` plus a texts sidecar under temporary names.
+   It renames them when done and writes `{stem}.done.json` last. A shard without that file is
+   incomplete and is redone on the next run, so a killed run resumes without duplicates.
+4. Write the meta JSON (shards, counts, checksums, tokenizer, layout, source) and the report of
+   every skipped input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from alip.data import schema
+from alip.data.images import BadImage, prepare_image
+from alip.data.recordio import RecordIOWriter
+from alip.data.sources import (
+    Columns,
+    InputError,
+    Skip,
+    SourceSample,
+    manifest_samples,
+    read_caption_sidecar,
+    tar_samples,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ConvertOptions:
+    out_dir: Path
+    prefix: str = "train"
+    image_root: Path | None = None
+    columns: Columns = field(default_factory=Columns)
+    captions: Path | None = None  # caption sidecar (JSONL/parquet), joined by key or path
+    require_caption: bool = True  # False: samples without a caption get an empty one (CLIP-only data)
+    shard_records: int = 10_000
+    shard_bytes: int | None = None  # estimated from the input sizes
+    seed: int = 0
+    workers: int = max(1, os.cpu_count() or 1)
+    max_side: int | None = None
+    jpeg_quality: int = 95
+    max_pixels: int = 89_478_485
+    tokenizer: str = "ViT-B-32"
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.shard_records < 1:
+            raise ValueError(f"shard_records must be >= 1, got {self.shard_records}")
+        if self.shard_bytes is not None and self.shard_bytes < 1:
+            raise ValueError(f"shard_bytes must be >= 1, got {self.shard_bytes}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side must be >= 16, got {self.max_side}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+
+
+@dataclass
+class ShardTask:
+    index: int
+    stem: str
+    items: list[tuple[int, SourceSample]]  # (record key, sample)
+
+
+@dataclass
+class ShardResult:
+    stem: str
+    records: int
+    bytes: int
+    sha256: str
+    skipped: list[dict]
+    stats: dict[str, int]
+
+
+@dataclass
+class ConvertReport:
+    meta_path: Path
+    num_inputs: int
+    num_records: int
+    skipped: Counter
+    stats: Counter
+    seconds: float
+
+
+# ---------------------------------------------------------------- 1. index
+
+
+def index_inputs(inputs: list[Path], opts: ConvertOptions) -> tuple[list[SourceSample], list[Skip]]:
+    """All samples of all inputs, captions joined; plus the rows that cannot be samples."""
+    if not inputs:
+        raise InputError("no inputs given")
+    samples: list[SourceSample] = []
+    skips: list[Skip] = []
+    for path in inputs:
+        if not path.exists():
+            raise InputError(f"input not found: {path}")
+        if path.suffix == ".tar":
+            got, bad = tar_samples(path, caption_field=opts.columns.caption)
+        else:
+            got, bad = manifest_samples(path, opts.image_root, opts.columns, first_row=len(samples) + len(skips))
+        samples += got
+        skips += bad
+    counts = Counter(s.key for s in samples)
+    dupes = [k for k, n in counts.items() if n > 1]
+    if dupes:
+        raise InputError(f"{len(dupes)} sample keys occur more than once, e.g. {dupes[:5]}; keys must be unique")
+    samples, caption_skips = _join_captions(samples, opts)
+    return samples, skips + caption_skips
+
+
+def _join_captions(samples: list[SourceSample], opts: ConvertOptions) -> tuple[list[SourceSample], list[Skip]]:
+    if opts.captions is not None:
+        by_key, by_path = read_caption_sidecar(opts.captions)
+        for s in samples:
+            caption = by_key.get(s.key) or (by_path.get(s.path) if s.path else None)
+            if caption is not None:
+                s.caption = caption
+    elif opts.columns.caption is None and opts.require_caption:
+        raise InputError(
+            "no caption source: pass a caption column, a caption sidecar (--captions), "
+            "or allow empty captions (--no-caption) for CLIP-only data"
+        )
+    kept, skips = [], []
+    for s in samples:
+        if s.caption is None and opts.require_caption:
+            skips.append(Skip(s.source, "no caption for this sample"))
+        else:
+            kept.append(s)
+    return kept, skips
+
+
+# ---------------------------------------------------------------- 2. plan
+
+
+def plan_shards(samples: list[SourceSample], opts: ConvertOptions) -> list[ShardTask]:
+    """Shuffle once with the seed, then cut into shards. Record key = position in the shuffled order."""
+    order = np.random.default_rng(opts.seed).permutation(len(samples))
+    tasks: list[ShardTask] = []
+    current: list[tuple[int, SourceSample]] = []
+    current_bytes = 0
+    for key, i in enumerate(order.tolist()):
+        sample = samples[i]
+        size = sample.size if sample.size >= 0 else 0
+        full = len(current) >= opts.shard_records or (
+            opts.shard_bytes is not None and current and current_bytes + size > opts.shard_bytes
+        )
+        if full:
+            tasks.append(ShardTask(len(tasks), schema.shard_stem(opts.prefix, len(tasks)), current))
+            current, current_bytes = [], 0
+        current.append((key, sample))
+        current_bytes += size
+    if current:
+        tasks.append(ShardTask(len(tasks), schema.shard_stem(opts.prefix, len(tasks)), current))
+    return tasks
+
+
+def plan_fingerprint(tasks: list[ShardTask], opts: ConvertOptions) -> str:
+    """Changes whenever a rerun would write different shards."""
+    h = hashlib.sha256()
+    settings = [opts.prefix, opts.seed, opts.max_side, opts.jpeg_quality, opts.max_pixels, opts.tokenizer]
+    h.update(json.dumps(settings).encode())
+    for task in tasks:
+        h.update(f"|{task.stem}".encode())
+        for key, s in task.items:
+            h.update(f"{key}\t{s.key}\t{s.image}\t{s.tar_offset}\t{s.raw_text}\t{s.caption}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- 3. write
+
+_worker: dict = {}  # per-process state: tokenizer, options, progress counter
+
+
+def _init_worker(opts: ConvertOptions, counter) -> None:
+    import open_clip  # imported here: only the workers tokenise
+
+    _worker.update(tokenizer=open_clip.get_tokenizer(opts.tokenizer), opts=opts, counter=counter)
+
+
+def _read_image_bytes(sample: SourceSample) -> bytes:
+    if sample.tar_offset >= 0:
+        with open(sample.image, "rb") as f:
+            f.seek(sample.tar_offset)
+            return f.read(sample.size)
+    try:
+        with open(sample.image, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BadImage("missing file") from None
+    except OSError as e:
+        raise BadImage(f"unreadable file: {e.strerror or e}") from None
+
+
+def _tokenize(texts: list[str]) -> np.ndarray:
+    import ftfy
+
+    # ftfy repairs mojibake first; the CLIP tokenizer then applies its own cleaning and truncates
+    # to 77 tokens keeping the end token (as the original release's data did).
+    return _worker["tokenizer"]([ftfy.fix_text(t) for t in texts]).numpy()
+
+
+def write_shard(task: ShardTask) -> ShardResult:
+    """Write one shard under temporary names, then rename; `{stem}.done.json` is written last."""
+    opts: ConvertOptions = _worker["opts"]
+    out = opts.out_dir
+    final = {ext: out / f"{task.stem}{ext}" for ext in (".rec", ".idx", ".texts.jsonl")}
+    tmp = {ext: p.with_name(p.name + ".tmp") for ext, p in final.items()}
+    raw_tokens = _tokenize([s.raw_text for _, s in task.items])
+    cap_tokens = _tokenize([s.caption or "" for _, s in task.items])
+    skipped, stats = [], Counter()
+    with RecordIOWriter(tmp[".rec"], tmp[".idx"]) as writer, open(tmp[".texts.jsonl"], "w", encoding="utf-8") as texts:
+        for i, (key, sample) in enumerate(task.items):
+            try:
+                img = prepare_image(_read_image_bytes(sample), opts.max_side, opts.jpeg_quality, opts.max_pixels)
+            except BadImage as e:
+                skipped.append({"source": sample.source, "key": sample.key, "reason": str(e)})
+            else:
+                writer.write(key, schema.make_record(key, img.jpeg, raw_tokens[i], cap_tokens[i]))
+                texts.write(
+                    json.dumps(_text_entry(key, sample, raw_tokens[i], cap_tokens[i]), ensure_ascii=False) + "\n"
+                )
+                stats["passthrough" if img.passthrough else "reencoded"] += 1
+                stats[f"mode_{img.source_mode}"] += 1
+                stats["empty_raw_text"] += not sample.raw_text.strip()
+                stats["truncated_raw_text"] += bool(raw_tokens[i][-1])
+                stats["truncated_caption"] += bool(cap_tokens[i][-1])
+            if i % 16 == 15:
+                _bump(16)
+        _bump(len(task.items) % 16)
+        writer.close(fsync=True)
+        count, nbytes = writer.count, writer.bytes_written
+    for ext in final:  # rec, idx, texts: all present before the done marker says so
+        os.replace(tmp[ext], final[ext])
+    result = ShardResult(task.stem, count, nbytes, _sha256(final[".rec"]), skipped, dict(stats))
+    _write_json_atomic(out / f"{task.stem}.done.json", asdict(result))
+    return result
+
+
+def _text_entry(key: int, sample: SourceSample, raw: np.ndarray, cap: np.ndarray) -> dict:
+    # the original strings, for inspection and noise reports (the shard holds only tokens)
+    return {
+        "key": key,
+        "sample_key": sample.key,
+        "source": sample.source,
+        "raw_text": sample.raw_text,
+        "caption": sample.caption,
+        "raw_truncated": bool(raw[-1]),
+        "caption_truncated": bool(cap[-1]),
+    }
+
+
+def _bump(n: int) -> None:
+    counter = _worker.get("counter")
+    if counter is not None and n:
+        with counter.get_lock():
+            counter.value += n
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- 4. orchestrate
+
+
+def convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
+    """Run (or finish) a conversion. Raises InputError on unusable input or when nothing survives."""
+    start = time.perf_counter()
+    out = opts.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    samples, index_skips = index_inputs(inputs, opts)
+    num_inputs = len(samples) + len(index_skips)
+    if not samples:
+        _write_skip_report(out, opts.prefix, [asdict(s) for s in index_skips])
+        raise InputError(f"none of the {num_inputs} input rows is usable; reasons in {opts.prefix}.skipped.jsonl")
+    tasks = plan_shards(samples, opts)
+    _claim_output(out, opts, plan_fingerprint(tasks, opts), len(tasks))
+    done = {t.stem: _load_done(out / f"{t.stem}.done.json") for t in tasks}
+    todo = [t for t in tasks if done[t.stem] is None]
+    if len(todo) < len(tasks):
+        logger.info("resuming: %d of %d shards already complete", len(tasks) - len(todo), len(tasks))
+    for result in _run_workers(
+        todo, opts, total=len(samples), already=sum(len(t.items) for t in tasks) - sum(len(t.items) for t in todo)
+    ):
+        done[result.stem] = result
+    results = [done[t.stem] for t in tasks]
+    skipped = [asdict(s) for s in index_skips] + [s for r in results for s in r.skipped]
+    _write_skip_report(out, opts.prefix, skipped)
+    num_records = sum(r.records for r in results)
+    if num_records == 0:
+        raise InputError(f"every one of the {num_inputs} inputs failed; reasons in {opts.prefix}.skipped.jsonl")
+    stats = Counter()
+    for r in results:
+        stats.update(r.stats)
+    reasons = Counter(_reason_kind(s["reason"]) for s in skipped)
+    meta = _build_meta(inputs, opts, results, num_inputs, reasons, stats)
+    schema.write_meta(schema.meta_path(out, opts.prefix), meta)
+    if num_records + len(skipped) != num_inputs:  # every input is a record or a reported skip
+        raise RuntimeError(f"bookkeeping error: {num_records} records + {len(skipped)} skipped != {num_inputs} inputs")
+    return ConvertReport(
+        schema.meta_path(out, opts.prefix), num_inputs, num_records, reasons, stats, time.perf_counter() - start
+    )
+
+
+def _claim_output(out: Path, opts: ConvertOptions, fingerprint: str, num_shards: int) -> None:
+    """Refuse to mix two different plans in one folder; --overwrite clears the old one."""
+    plan_path = out / f"{opts.prefix}.plan.json"
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        if old.get("fingerprint") == fingerprint:
+            return
+        if not opts.overwrite:
+            raise InputError(
+                f"{out} already holds shards '{opts.prefix}-*' from a run with other inputs or options; "
+                "pass --overwrite to replace them, or choose another --out-dir/--prefix"
+            )
+    elif any(out.glob(f"{opts.prefix}-*")) and not opts.overwrite:
+        raise InputError(f"{out} already holds files '{opts.prefix}-*' not made by data2rec; pass --overwrite")
+    if opts.overwrite:
+        for p in out.glob(f"{opts.prefix}[-.]*"):
+            p.unlink()
+    _write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards, "seed": opts.seed})
+
+
+def _load_done(path: Path) -> ShardResult | None:
+    if not path.exists():
+        return None
+    result = ShardResult(**json.loads(path.read_text()))
+    rec = path.parent / f"{result.stem}.rec"
+    if not rec.exists() or rec.stat().st_size != result.bytes:
+        return None  # files changed since: redo the shard
+    return result
+
+
+def _run_workers(todo: list[ShardTask], opts: ConvertOptions, total: int, already: int):
+    """Yield ShardResults as shards finish, with a progress bar over images."""
+    from tqdm import tqdm
+
+    if not todo:
+        return
+    ctx = mp.get_context("spawn")  # no fork of a parent that may hold torch/OpenMP threads
+    counter = ctx.Value("q", 0)
+    bar = tqdm(total=total, initial=already, unit="img", desc="data2rec", disable=not opts.progress, smoothing=0.1)
+    if opts.workers == 1:  # in this process: no pool start-up cost for small jobs and tests
+        _init_worker(opts, counter)
+        for task in todo:
+            result = write_shard(task)
+            bar.update(already + counter.value - bar.n)
+            yield result
+        bar.close()
+        return
+    with ctx.Pool(min(opts.workers, len(todo)), initializer=_init_worker, initargs=(opts, counter)) as pool:
+        pending = [pool.apply_async(write_shard, (t,)) for t in todo]
+        while pending:
+            pending[0].wait(0.5)
+            bar.update(already + counter.value - bar.n)
+            still = []
+            for p in pending:
+                if p.ready():
+                    result = p.get()  # re-raises a worker's exception here
+                    bar.set_postfix(shard=result.stem, skipped=len(result.skipped), refresh=False)
+                    yield result
+                else:
+                    still.append(p)
+            pending = still
+    bar.update(already + counter.value - bar.n)
+    bar.close()
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def _write_skip_report(out: Path, prefix: str, skipped: list[dict]) -> None:
+    path = out / f"{prefix}.skipped.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for entry in sorted(skipped, key=lambda s: s["source"]):
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _tokenizer_info(name: str) -> dict:
+    import open_clip
+
+    tok = open_clip.get_tokenizer(name)
+    if getattr(tok, "context_length", None) != schema.CONTEXT_LENGTH:
+        raise InputError(f"tokenizer of {name} has context length {tok.context_length}; the layout needs 77")
+    return {
+        "model": name,
+        "type": type(tok).__name__,
+        "context_length": tok.context_length,
+        "vocab_size": len(getattr(tok, "encoder", {})) or None,
+        "sot_token_id": getattr(tok, "sot_token_id", None),
+        "eot_token_id": getattr(tok, "eot_token_id", None),
+        "cleaning": "ftfy.fix_text, then the tokenizer's own cleaning (lowercase, whitespace)",
+    }
+
+
+def _build_meta(inputs, opts, results, num_inputs, reasons, stats) -> schema.DatasetMeta:
+    shards = [
+        schema.ShardInfo(f"{r.stem}.rec", f"{r.stem}.idx", r.records, r.bytes, r.sha256, texts=f"{r.stem}.texts.jsonl")
+        for r in results
+        if r.records > 0  # a shard whose every image failed is left out (DALI cannot read an empty shard)
+    ]
+    from alip import __version__
+
+    source = {
+        "inputs": [str(p) for p in inputs],
+        "kind": "tar" if inputs[0].suffix == ".tar" else "manifest",
+        "captions": str(opts.captions)
+        if opts.captions
+        else (opts.columns.caption and f"column {opts.columns.caption}"),
+        "num_inputs": num_inputs,
+        "num_skipped": sum(reasons.values()),
+        "skipped_by_reason": dict(reasons),
+        "stats": dict(stats),
+        "seed": opts.seed,
+        "shard_records": opts.shard_records,
+        "shard_bytes": opts.shard_bytes,
+        "max_side": opts.max_side,
+        "jpeg_quality": opts.jpeg_quality,
+        "max_pixels": opts.max_pixels,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "alip_version": __version__,
+    }
+    return schema.DatasetMeta(shards=shards, tokenizer=_tokenizer_info(opts.tokenizer), source=source)

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Pack image-text pairs (+ synthetic captions) into shuffled RecordIO shards for ALIP training.
+
+Inputs: manifests (.tsv/.csv/.jsonl/.parquet) with an image-path column (relative to --image-root,
+default the manifest's folder), a raw-text column and optionally a caption column; or img2dataset
+webdataset .tar shards ({key}.jpg/.txt/.json). Captions can also come from a sidecar
+(--captions, JSONL/parquet with "key" or "path" and "caption"), as written by tools/caption.py.
+
+Every image is decoded and checked before it enters a shard. Zero-byte, truncated and corrupt
+files, missing files and decompression bombs are skipped and listed with their reason in
+{prefix}.skipped.jsonl. PNGs with alpha, grayscale and CMYK images are converted to RGB JPEG;
+RGB/grayscale JPEGs pass through unchanged unless --max-side asks for a resize. The dataset is
+shuffled once with --seed, then cut into shards {prefix}-00000.rec/.idx. Each shard gets a
+{stem}.texts.jsonl with its records' original strings. {prefix}.meta.json lists the shards, their
+counts and checksums, the tokenizer and the layout. Rerunning the same command after an
+interruption finishes the job without duplicates.
+
+Examples:
+  python tools/data2rec.py yfcc15m.tsv --image-root /data/yfcc/images --text-col title \\
+      --captions yfcc15m_captions.jsonl --out-dir /data/yfcc15m_rec --workers 32
+  python tools/data2rec.py /data/img2dataset/*.tar --captions caps.jsonl --out-dir shards/
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from alip.data.convert import ConvertOptions, convert
+from alip.data.recordio import RecordIOError
+from alip.data.sources import Columns, InputError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", type=Path, help="manifest file(s) or img2dataset .tar shard(s)")
+    p.add_argument("--out-dir", type=Path, required=True, help="folder for the shards, meta JSON and reports")
+    p.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+    p.add_argument("--image-root", type=Path, help="folder the manifest's image paths are relative to")
+    p.add_argument("--image-col", default="image", help="manifest column with the image path (default: image)")
+    p.add_argument("--text-col", default="text", help="manifest column with the raw web text (default: text)")
+    p.add_argument("--caption-col", help="manifest column (or img2dataset JSON field) with the synthetic caption")
+    p.add_argument("--key-col", help="manifest column with a unique sample key (default: the row number)")
+    p.add_argument("--captions", type=Path, help="caption sidecar (JSONL/parquet: key or path -> caption)")
+    p.add_argument("--no-caption", action="store_true", help="allow samples without caption (empty caption; CLIP)")
+    p.add_argument("--shard-records", type=int, default=10_000, help="max records per shard (default: 10000)")
+    p.add_argument("--shard-size-mb", type=float, help="max shard size in MB, estimated from the input sizes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one global shuffle (default: 0)")
+    p.add_argument("--workers", type=int, default=ConvertOptions.workers, help="worker processes (default: all cores)")
+    p.add_argument("--max-side", type=int, help="resize images whose longer side exceeds this (default: keep)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs (default: 95)")
+    p.add_argument("--max-pixels", type=int, default=89_478_485, help="reject images with more pixels (bombs)")
+    p.add_argument("--tokenizer", default="ViT-B-32", help="open_clip model whose tokenizer to use (default: ViT-B-32)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier run in --out-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("alip").setLevel(logging.INFO)  # ours; open_clip's INFO lines are noise here
+    try:
+        opts = ConvertOptions(
+            out_dir=args.out_dir,
+            prefix=args.prefix,
+            image_root=args.image_root,
+            columns=Columns(args.image_col, args.text_col, args.caption_col, args.key_col),
+            captions=args.captions,
+            require_caption=not args.no_caption,
+            shard_records=args.shard_records,
+            shard_bytes=int(args.shard_size_mb * 1e6) if args.shard_size_mb else None,
+            seed=args.seed,
+            workers=args.workers,
+            max_side=args.max_side,
+            jpeg_quality=args.jpeg_quality,
+            max_pixels=args.max_pixels,
+            tokenizer=args.tokenizer,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+        report = convert(args.inputs, opts)
+    except (InputError, RecordIOError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{report.num_records} records from {report.num_inputs} inputs in {report.seconds:.1f} s "
+        f"({report.num_inputs / max(report.seconds, 1e-9):.0f} inputs/s); "
+        f"skipped {sum(report.skipped.values())}: {dict(report.skipped) or 'none'}"
+    )
+    print(f"meta: {report.meta_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
