@@ -127,6 +127,10 @@ def index_inputs(inputs: list[Path], opts: ConvertOptions) -> tuple[list[SourceS
     if dupes:
         raise InputError(f"{len(dupes)} sample keys occur more than once, e.g. {dupes[:5]}; keys must be unique")
     samples, caption_skips = _join_captions(samples, opts)
+    if opts.shard_bytes is not None:  # size-based sharding needs the sizes; tars already have them
+        for s in samples:
+            if s.size < 0:
+                s.size = os.stat(s.image).st_size if os.path.exists(s.image) else 0
     return samples, skips + caption_skips
 
 

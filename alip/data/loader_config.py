@@ -1,0 +1,178 @@
+"""Settings shared by the DALI loader (alip.data.dali) and the PyTorch fallback (alip.data.torch_loader).
+
+Both loaders take the same `LoaderConfig` and yield the same batches, so a run can switch between
+them without touching the recipe. This module imports neither DALI nor torchvision: the trainer
+reads its configuration before it knows which loader it will build.
+
+The defaults are the original ALIP training augmentation: a random crop covering 70-100% of the
+image with aspect ratio 0.8-1.25, resized to 224x224, a horizontal flip with probability 0.5 and
+CLIP's mean/std normalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alip.data import schema
+from alip.data.recordio import ShardCheck, check_shard
+from alip.distributed import read_env
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class LoaderConfig:
+    """How to turn shards into batches. Values are validated on construction (ValueError).
+
+    batch_size: samples per step on each rank (the global batch is batch_size * world size).
+    image_size: side of the square output image.
+    random_area, random_aspect_ratio: train-mode random crop: fraction of the image area and
+        width/height ratio range (torchvision's `scale`/`ratio`, DALI's `random_area`/`random_aspect_ratio`).
+    flip_prob: probability of a horizontal flip in train mode.
+    mean, std: per-channel normalisation on the [0, 1] scale (RGB order).
+    shuffle: shuffle samples in train mode (eval mode never shuffles).
+    shuffle_buffer: DALI's `initial_fill`, the size of the reader's shuffling buffer. DALI shuffles
+        only within this buffer, which is why the converter shuffles the dataset before sharding.
+    seed: base seed of the shuffling and of the augmentation; each rank derives its own from it.
+    num_threads: DALI CPU worker threads per pipeline.
+    num_workers: PyTorch DataLoader worker processes (0 = decode in the main process).
+    prefetch: batches prepared ahead (DALI `prefetch_queue_depth`, DataLoader `prefetch_factor`).
+    preflight: check every shard's framing and record count before reading (alip.data.recordio.check_shard).
+        Reads only the 8-byte record headers; switch off only for datasets already checked with
+        `tools/inspect_rec.py --check`.
+    """
+
+    batch_size: int
+    image_size: int = 224
+    random_area: tuple[float, float] = (0.7, 1.0)
+    random_aspect_ratio: tuple[float, float] = (0.8, 1.25)
+    flip_prob: float = 0.5
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    shuffle: bool = True
+    shuffle_buffer: int = 4096
+    seed: int = 0
+    num_threads: int = 4
+    num_workers: int = 4
+    prefetch: int = 2
+    preflight: bool = True
+
+    def __post_init__(self) -> None:
+        # Tuples may arrive as lists from YAML/JSON; normalise so equality and hashing behave.
+        self.random_area = _pair("random_area", self.random_area)
+        self.random_aspect_ratio = _pair("random_aspect_ratio", self.random_aspect_ratio)
+        self.mean = _triple("mean", self.mean)
+        self.std = _triple("std", self.std)
+        for name in ("batch_size", "image_size", "shuffle_buffer", "num_threads", "prefetch"):
+            _positive_int(name, getattr(self, name))
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        lo, hi = self.random_area
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"random_area must satisfy 0 < low <= high <= 1, got {self.random_area}")
+        lo, hi = self.random_aspect_ratio
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"random_aspect_ratio must satisfy 0 < low <= high, got {self.random_aspect_ratio}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if any(s <= 0.0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    @property
+    def mean_255(self) -> list[float]:
+        """`mean` on the 0-255 scale, as DALI's crop_mirror_normalize applies it to uint8 pixels."""
+        return [255.0 * m for m in self.mean]
+
+    @property
+    def std_255(self) -> list[float]:
+        return [255.0 * s for s in self.std]
+
+
+def _pair(name: str, value: object) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers (low, high), got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return lo, hi
+
+
+def _triple(name: str, value: object) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be three numbers (R, G, B), got {value!r}") from None
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be three finite numbers (R, G, B), got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def prepare_shards(spec: str | Path | list[str | Path], preflight: bool = True) -> list[ShardCheck]:
+    """Resolve `spec` (see schema.resolve_shards) and check every shard before a loader trusts it.
+
+    With `preflight`, each shard goes through `check_shard` (framing, .idx/.rec agreement, the
+    record count from the meta JSON, the 154-float label), so a bad shard fails here with the file
+    and record named instead of inside a DALI worker thread. Shards without records are dropped
+    (DALI's RecordIO index cannot represent an empty file between two others). Raises
+    FileNotFoundError / ValueError / RecordIOError.
+    """
+    shards = []
+    for info in schema.resolve_shards(spec):
+        if preflight:
+            checked = check_shard(info.rec, info.idx, label_length=schema.LABEL_LENGTH, expected_records=info.records)
+        else:
+            # Only the record count, from the .idx: the cheapest thing a loader cannot do without.
+            with open(info.idx, encoding="ascii") as f:
+                count = sum(1 for line in f if line.strip())
+            checked = ShardCheck(Path(info.rec), Path(info.idx), count, Path(info.rec).stat().st_size)
+        if checked.num_records == 0:
+            logger.warning("skipping empty shard %s", checked.rec_path)
+            continue
+        shards.append(checked)
+    if not shards:
+        raise ValueError(f"no records in the shards of {spec}")
+    return shards
+
+
+def steps_per_epoch(num_records: int, batch_size: int, world_size: int) -> int:
+    """Steps every rank takes per epoch: each rank's share rounded up, then padded to whole batches.
+
+    This is what DALI's reader does with `pad_last_batch=True` (each rank reads ceil(N / W)
+    samples, the last batch filled by repeating), and what the PyTorch fallback copies.
+    """
+    if num_records < 1 or batch_size < 1 or world_size < 1:
+        raise ValueError(f"need positive sizes, got {num_records=}, {batch_size=}, {world_size=}")
+    return math.ceil(math.ceil(num_records / world_size) / batch_size)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Where a loader yields batches: default `cuda:<local rank>` when CUDA is available, else the CPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", read_env().local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ValueError(f"the loaders yield on 'cpu' or 'cuda' devices, got {device}")
+    return device

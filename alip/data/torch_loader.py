@@ -1,0 +1,279 @@
+"""PyTorch DataLoader fallback over ALIP RecordIO shards: PIL decoding, torchvision transforms.
+
+Same batch contract as alip.data.dali.DaliLoader,
+
+    {"image": float32 [B, 3, H, W], "text": int64 [B, 77], "caption": int64 [B, 77]},
+
+same epoch semantics (iterating runs the rest of the current epoch; `len` = steps per epoch, equal
+on every rank) and the same state_dict shape. It is what runs where DALI is not installed, and the
+baseline for benchmarks/loader_throughput.py.
+
+Differences from DALI, by design: the shuffle is a full permutation per epoch (DALI shuffles within
+a buffer), and ranks take contiguous slices of it padded by wrapping around (DALI repeats each
+rank's last sample). Augmentation is seeded per sample position, so it does not depend on the
+number of workers and a mid-epoch resume (which skips the batches already seen) reproduces the
+same samples and the same augmentations.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+from alip.data import schema
+from alip.data.loader_config import LoaderConfig, prepare_shards, resolve_device, steps_per_epoch
+from alip.data.recordio import RecordIOReader, ShardCheck, read_idx
+from alip.distributed import get_rank, get_world_size
+
+logger = logging.getLogger(__name__)
+
+STATE_KIND = "alip-torch-loader"
+STATE_VERSION = 1
+
+
+def build_transform(config: LoaderConfig, train: bool) -> T.Compose:
+    """PIL RGB image -> normalised float32 [3, size, size]; the torchvision twin of the DALI pipeline."""
+    size = config.image_size
+    if train:
+        geometry = [
+            T.RandomResizedCrop(size, scale=config.random_area, ratio=config.random_aspect_ratio),
+            T.RandomHorizontalFlip(config.flip_prob),
+        ]
+    else:
+        geometry = [T.Resize(size), T.CenterCrop(size)]  # Resize(int) scales the shorter side
+    return T.Compose([*geometry, T.ToTensor(), T.Normalize(config.mean, config.std)])
+
+
+class RecordDataset(Dataset):
+    """Map-style dataset over every record of every shard, in shard order.
+
+    Items are addressed as `(index, aug_seed)`: the sampler decides both, so an augmentation is a
+    function of the sample's position in the epoch, not of which worker draws it. `aug_seed < 0`
+    means no seeding (eval transforms are deterministic anyway).
+
+    File handles are opened lazily and per process: a handle opened before the DataLoader forks
+    would share its file offset between workers, and their seeks would race.
+    """
+
+    def __init__(self, shards: list[ShardCheck], config: LoaderConfig, train: bool) -> None:
+        self.shards = shards
+        self.transform = build_transform(config, train)
+        # [N] shard number and byte offset of every record, from the .idx files only.
+        shard_ids, offsets = [], []
+        for i, shard in enumerate(shards):
+            entries = read_idx(shard.idx_path)
+            shard_ids.extend([i] * len(entries))
+            offsets.extend(offset for _, offset in entries)
+        self._shard_ids = np.asarray(shard_ids, dtype=np.int32)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._readers: dict[int, RecordIOReader] = {}
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def _reader(self, shard_id: int) -> RecordIOReader:
+        if self._pid != os.getpid():
+            self._readers, self._pid = {}, os.getpid()  # never use a parent's handles
+        reader = self._readers.get(shard_id)
+        if reader is None:
+            shard = self.shards[shard_id]
+            reader = self._readers[shard_id] = RecordIOReader(shard.rec_path, shard.idx_path)
+        return reader
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, aug_seed = item
+        shard_id, offset = int(self._shard_ids[index]), int(self._offsets[index])
+        record = self._reader(shard_id).read_at(offset, what=f"record {index}")
+        key, raw, caption, jpeg = schema.parse_record(record)
+        try:
+            with Image.open(io.BytesIO(jpeg)) as im:
+                image = im.convert("RGB")  # grayscale and CMYK JPEGs too
+        except OSError as e:
+            raise ValueError(f"{self.shards[shard_id].rec_path}: record key {key}: cannot decode image: {e}") from e
+        if aug_seed >= 0:
+            # torchvision's random transforms draw from torch's global generator. Fork it so the
+            # caller's random state (the trainer's, when num_workers=0) is left untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(aug_seed)
+                pixels = self.transform(image)
+        else:
+            pixels = self.transform(image)
+        return {
+            "image": pixels,  # [3, H, W] float32
+            "text": torch.from_numpy(raw),  # [77] int64
+            "caption": torch.from_numpy(caption),  # [77] int64
+        }
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers = {}
+
+
+class EpochSampler(Sampler):
+    """This rank's `(index, aug_seed)` items of one epoch, from a given step on.
+
+    Every rank computes the same global order: a seeded permutation (or file order), padded by
+    wrapping around to world_size * steps * batch_size items so that all ranks take `steps` full
+    batches; rank r takes the r-th contiguous slice.
+    """
+
+    def __init__(
+        self, num_records: int, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int, augment: bool
+    ) -> None:
+        self.num_records = num_records
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.augment = augment
+        self.steps = steps_per_epoch(num_records, batch_size, world_size)
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_position(self, epoch: int, step: int) -> None:
+        self.epoch, self.start_step = epoch, step
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        per_rank = self.steps * self.batch_size
+        total = per_rank * self.world_size
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_records)
+        else:
+            order = np.arange(self.num_records)
+        order = np.resize(order, total)  # wraps around: the padding repeats the first samples
+        if self.augment:
+            # One seed per global position: independent of the worker count, and the same after a resume.
+            seeds = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, 2**62, size=total)
+        else:
+            seeds = np.full(total, -1, dtype=np.int64)
+        begin = self.rank * per_rank + self.start_step * self.batch_size
+        end = (self.rank + 1) * per_rank
+        for i in range(begin, end):
+            yield int(order[i]), int(seeds[i])
+
+
+class TorchLoader:
+    """PyTorch DataLoader over ALIP shards with DaliLoader's interface (see module docstring).
+
+    shards: anything `alip.data.schema.resolve_shards` accepts; preflighted unless
+        `config.preflight` is False.
+    train: RandomResizedCrop + flip + shuffling; False: Resize(shorter side) + CenterCrop, file order.
+    rank, world_size: default to the torch.distributed process group (0 and 1 without one).
+    device: where batches are yielded; default `cuda:<local rank>` when CUDA is available, else CPU.
+    """
+
+    def __init__(
+        self,
+        shards: str | Path | list[str | Path],
+        config: LoaderConfig,
+        train: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.config = config
+        self.train = train
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        self.device = resolve_device(device)
+        self.shards = prepare_shards(shards, preflight=config.preflight)
+        self.dataset = RecordDataset(self.shards, config, train)
+        self.num_records = len(self.dataset)
+        self.sampler = EpochSampler(
+            self.num_records,
+            config.batch_size,
+            self.rank,
+            self.world_size,
+            shuffle=train and config.shuffle,
+            seed=config.seed,
+            augment=train,
+        )
+        self.steps_per_epoch = self.sampler.steps
+        self.epoch = 0
+        self.step = 0  # batches of `epoch` already yielded
+        workers = config.num_workers
+        self._loader = DataLoader(
+            self.dataset,
+            batch_sampler=BatchSampler(self.sampler, config.batch_size, drop_last=False),
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            # Workers live across epochs; the sampler runs in this process, so its epoch still applies.
+            persistent_workers=workers > 0,
+            prefetch_factor=config.prefetch if workers > 0 else None,
+        )
+        logger.info(
+            "torch %s loader: %d records in %d shards, rank %d/%d, %d steps of %d per epoch, %d workers",
+            "train" if train else "eval",
+            self.num_records,
+            len(self.shards),
+            self.rank,
+            self.world_size,
+            self.steps_per_epoch,
+            config.batch_size,
+            workers,
+        )
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rest of the current epoch (all of it unless restored mid-epoch), then epoch += 1."""
+        self.sampler.set_position(self.epoch, self.step)
+        for batch in self._loader:
+            self.step += 1
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        self.epoch += 1
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain int state (safe for `torch.load(weights_only=True)`)."""
+        return {
+            "kind": STATE_KIND,
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "step": self.step,
+            "world_size": self.world_size,
+            "batch_size": self.config.batch_size,
+            "num_records": self.num_records,
+            "seed": self.config.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at `state`'s epoch and step (the batches before it are skipped, not read)."""
+        if state.get("kind") != STATE_KIND or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a TorchLoader state v{STATE_VERSION} (kind={state.get('kind')!r})")
+        expected = {
+            "world_size": self.world_size,
+            "batch_size": self.config.batch_size,
+            "num_records": self.num_records,
+            "seed": self.config.seed,
+        }
+        wrong = [f"{k}={state.get(k)} (this loader: {v})" for k, v in expected.items() if state.get(k) != v]
+        if wrong:
+            raise ValueError("TorchLoader state does not fit this loader: " + ", ".join(wrong))
+        if not 0 <= state["step"] <= self.steps_per_epoch:
+            raise ValueError(f"state step {state['step']} outside 0..{self.steps_per_epoch}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def close(self) -> None:
+        """Stop the worker processes and close this process's file handles."""
+        self._loader = None  # type: ignore[assignment]
+        self.dataset.close()
