@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         return 1
     print(
         f"{report.num_records} records from {report.num_inputs} inputs in {report.seconds:.1f} s "
-        f"({report.num_inputs / max(report.seconds, 1e-9):.0f} inputs/s); "
+        f"({report.images_written / max(report.write_seconds, 1e-9):.0f} images/s while writing); "
         f"skipped {sum(report.skipped.values())}: {dict(report.skipped) or 'none'}"
     )
     print(f"meta: {report.meta_path}")

@@ -92,6 +92,7 @@ class ShardResult:
     sha256: str
     skipped: list[dict]
     stats: dict[str, int]
+    seconds: float = 0.0  # time this shard took inside its worker
 
 
 @dataclass
@@ -101,7 +102,10 @@ class ConvertReport:
     num_records: int
     skipped: Counter
     stats: Counter
-    seconds: float
+    seconds: float  # the whole run
+    write_seconds: float  # wall time of the writing phase, worker start-up included (no indexing)
+    worker_seconds: float  # summed time the workers spent on this run's shards: per-worker throughput
+    images_written: int  # inputs processed by this run (fewer than all when resuming)
 
 
 # ---------------------------------------------------------------- 1. index
@@ -227,6 +231,7 @@ def _tokenize(texts: list[str]) -> np.ndarray:
 
 def write_shard(task: ShardTask) -> ShardResult:
     """Write one shard under temporary names, then rename; `{stem}.done.json` is written last."""
+    started = time.perf_counter()
     opts: ConvertOptions = _worker["opts"]
     out = opts.out_dir
     final = {ext: out / f"{task.stem}{ext}" for ext in (".rec", ".idx", ".texts.jsonl")}
@@ -257,7 +262,9 @@ def write_shard(task: ShardTask) -> ShardResult:
         count, nbytes = writer.count, writer.bytes_written
     for ext in final:  # rec, idx, texts: all present before the done marker says so
         os.replace(tmp[ext], final[ext])
-    result = ShardResult(task.stem, count, nbytes, _sha256(final[".rec"]), skipped, dict(stats))
+    result = ShardResult(
+        task.stem, count, nbytes, _sha256(final[".rec"]), skipped, dict(stats), time.perf_counter() - started
+    )
     _write_json_atomic(out / f"{task.stem}.done.json", asdict(result))
     return result
 
@@ -315,10 +322,13 @@ def convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
     todo = [t for t in tasks if done[t.stem] is None]
     if len(todo) < len(tasks):
         logger.info("resuming: %d of %d shards already complete", len(tasks) - len(todo), len(tasks))
+    write_start = time.perf_counter()
     for result in _run_workers(
         todo, opts, total=len(samples), already=sum(len(t.items) for t in tasks) - sum(len(t.items) for t in todo)
     ):
         done[result.stem] = result
+    write_seconds = time.perf_counter() - write_start
+    worker_seconds = sum(done[t.stem].seconds for t in todo)
     results = [done[t.stem] for t in tasks]
     skipped = [asdict(s) for s in index_skips] + [s for r in results for s in r.skipped]
     _write_skip_report(out, opts.prefix, skipped)
@@ -334,7 +344,15 @@ def convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
     if num_records + len(skipped) != num_inputs:  # every input is a record or a reported skip
         raise RuntimeError(f"bookkeeping error: {num_records} records + {len(skipped)} skipped != {num_inputs} inputs")
     return ConvertReport(
-        schema.meta_path(out, opts.prefix), num_inputs, num_records, reasons, stats, time.perf_counter() - start
+        schema.meta_path(out, opts.prefix),
+        num_inputs,
+        num_records,
+        reasons,
+        stats,
+        seconds=time.perf_counter() - start,
+        write_seconds=write_seconds,
+        worker_seconds=worker_seconds,
+        images_written=sum(len(t.items) for t in todo),
     )
 
 
