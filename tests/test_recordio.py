@@ -153,3 +153,15 @@ def test_label_helpers_reject_wrong_shapes():
         schema.encode_label(np.zeros(76), np.zeros(77))
     with pytest.raises(ValueError, match="expected 154"):
         schema.decode_label(np.zeros(150, np.float32))
+
+
+def test_split_inside_the_header_is_refused_before_dali_sees_it(tmp_path):
+    # dmlc splits a record wherever the magic stands at an aligned offset; DALI re-joins splits in
+    # the payload but not one inside the 24-byte IRHeader (here: id == magic, at offset 8)
+    payload_split = rio.pack(rio.IRHeader(0, 1.0, 5, 0), b"abcd" * 2 + MAGIC + b"jpeg")
+    header_split = rio.pack(rio.IRHeader(0, 1.0, rio.MAGIC, 0), b"jpeg")
+    rio.write_records(tmp_path / "ok.rec", tmp_path / "ok.idx", [(0, payload_split)])
+    assert rio.check_shard(tmp_path / "ok.rec").num_records == 1
+    rio.write_records(tmp_path / "bad.rec", tmp_path / "bad.idx", [(0, header_split)])
+    with pytest.raises(rio.RecordIOError, match="record key 0 at byte 0 is split inside its IRHeader"):
+        rio.check_shard(tmp_path / "bad.rec")

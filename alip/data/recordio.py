@@ -281,6 +281,13 @@ def check_shard(
                     f"{expected_next}: .idx does not match the .rec"
                 )
             parts, expected_next = reader.parts(offset, what)
+            if len(parts) > 1 and parts[0][1] < IR_SIZE:
+                # DALI 2.4's reader rejects a multi-part record whose first part cannot hold the
+                # IRHeader (it re-joins later splits, inside the payload, correctly).
+                raise RecordIOError(
+                    f"{rec_path}: {what} at byte {offset} is split inside its IRHeader (the magic number "
+                    "occurs in its id fields); DALI cannot read it: rewrite the record with another id"
+                )
             if label_length is not None:
                 data_offset, length = parts[0]
                 reader._f.seek(data_offset)
