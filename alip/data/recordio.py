@@ -281,7 +281,7 @@ def check_shard(
                     f"{expected_next}: .idx does not match the .rec"
                 )
             parts, expected_next = reader.parts(offset, what)
-            if len(parts) > 1 and parts[0][1] < IR_SIZE:
+            if label_length is not None and len(parts) > 1 and parts[0][1] < IR_SIZE:
                 # DALI 2.4's reader rejects a multi-part record whose first part cannot hold the
                 # IRHeader (it re-joins later splits, inside the payload, correctly).
                 raise RecordIOError(
