@@ -14,6 +14,7 @@ import ftfy
 import numpy as np
 import open_clip
 import pytest
+import torch
 from PIL import Image
 from shard_factory import PHOTOS, jpeg_bytes, photo
 
@@ -271,3 +272,23 @@ def test_rerun_with_other_inputs_refuses_to_mix_plans(planted, tmp_path):
         convert([manifest], opts_for(tmp_path, image_root=img, seed=5))
     convert([manifest], opts_for(tmp_path, image_root=img, seed=5, overwrite=True))
     assert json.loads((tmp_path / "train.meta.json").read_text())["source"]["seed"] == 5
+
+
+def test_dali_reads_the_shards_of_a_run_with_planted_bad_inputs_end_to_end(planted, tmp_path):
+    from alip.data.dali import DaliLoader
+    from alip.data.loader_config import LoaderConfig
+
+    manifest, img, bad, rows = planted
+    report = convert([manifest], opts_for(tmp_path, image_root=img, shard_records=5, max_pixels=5_000_000))
+    records = read_all(report.meta_path)
+    by_tokens = {(tuple(raw.tolist()), tuple(cap.tolist())): entry for _, raw, cap, _, entry in records.values()}
+    config = LoaderConfig(batch_size=4, image_size=64, num_threads=1)
+    loader = DaliLoader(report.meta_path, config, train=False, rank=0, world_size=1, device="cpu")
+    seen = []
+    for batch in loader:
+        assert batch["image"].shape == (4, 3, 64, 64) and torch.isfinite(batch["image"]).all()
+        for raw, cap in zip(batch["text"].tolist(), batch["caption"].tolist(), strict=True):
+            entry = by_tokens[(tuple(raw), tuple(cap))]  # each row is one of the records data2rec wrote
+            seen.append(entry["key"])
+    loader.close()
+    assert set(seen) == {v[0] for v in records.values()} and len(records) == len(rows) - len(bad)
