@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from skimage import data as skdata
 
 from alip.data import schema
 from alip.data.recordio import RecordIOWriter
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mxnet"
+OFFICIAL_REC = FIXTURES / "alip_official.rec"  # written by MXNet 1.9.1 in the original release's layout
+# its per-record texts, token lists and image shapes
+OFFICIAL = json.loads((FIXTURES / "alip_official_samples.json").read_text(encoding="utf-8"))
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "camera"]
 

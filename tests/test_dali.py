@@ -1,7 +1,6 @@
 """alip.data.dali.DaliLoader on the CPU: record contents, sharding, resume, bad shards, bad inputs."""
 
 import io
-import json
 import math
 import shutil
 import struct
@@ -11,23 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shard_factory import jpeg_bytes, photo, write_test_shards
+from shard_factory import OFFICIAL, OFFICIAL_REC, jpeg_bytes, photo
 from torchvision.transforms import functional as F
 
 from alip.data import schema
 from alip.data.dali import DaliLoader
 from alip.data.loader_config import LoaderConfig
 from alip.data.recordio import MAGIC, RecordIOError, RecordIOReader, RecordIOWriter, read_idx
-
-FIXTURES = Path(__file__).parent / "fixtures" / "mxnet"
-OFFICIAL_REC = FIXTURES / "alip_official.rec"
-OFFICIAL = json.loads((FIXTURES / "alip_official_samples.json").read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """24 records in shards of 10, 10 and 4."""
-    return write_test_shards(tmp_path_factory.mktemp("shards"), num_records=24, per_shard=10)
 
 
 def config(**kw) -> LoaderConfig:

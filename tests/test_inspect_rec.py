@@ -1,16 +1,14 @@
 """tools/inspect_rec.py through its command line."""
 
-import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from PIL import Image
+from shard_factory import FIXTURES, OFFICIAL
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures" / "mxnet"
-OFFICIAL = json.loads((FIXTURES / "alip_official_samples.json").read_text(encoding="utf-8"))
 
 
 def run(*args):

@@ -1,31 +1,20 @@
 """alip.data.torch_loader.TorchLoader (the DALI-free fallback) and LoaderConfig."""
 
 import io
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shard_factory import photo, write_test_shards
+from shard_factory import OFFICIAL, OFFICIAL_REC, photo
 from torchvision import transforms as T
 
 from alip.data import schema
 from alip.data.loader_config import LoaderConfig, steps_per_epoch
 from alip.data.recordio import RecordIOError, RecordIOWriter
 from alip.data.torch_loader import TorchLoader
-
-FIXTURES = Path(__file__).parent / "fixtures" / "mxnet"
-OFFICIAL_REC = FIXTURES / "alip_official.rec"
-OFFICIAL = json.loads((FIXTURES / "alip_official_samples.json").read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_test_shards(tmp_path_factory.mktemp("shards"), num_records=24, per_shard=10)
 
 
 def config(**kw) -> LoaderConfig:

@@ -36,9 +36,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from alip.data import schema
-from alip.data.loader_config import LoaderConfig, prepare_shards, resolve_device, steps_per_epoch
+from alip.data.loader_config import LoaderConfig, check_loader_state, place_loader, steps_per_epoch
 from alip.data.recordio import ShardCheck, read_idx
-from alip.distributed import get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -142,12 +141,7 @@ class DaliLoader:
     ) -> None:
         self.config = config
         self.train = train
-        self.rank = get_rank() if rank is None else rank
-        self.world_size = get_world_size() if world_size is None else world_size
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
-        self.device = resolve_device(device)
-        self.shards = prepare_shards(shards, preflight=config.preflight)
+        self.rank, self.world_size, self.device, self.shards = place_loader(shards, config, rank, world_size, device)
         self.num_records = sum(s.num_records for s in self.shards)
         self.steps_per_epoch = steps_per_epoch(self.num_records, config.batch_size, self.world_size)
         self.epoch = 0
@@ -255,10 +249,6 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the loader that wrote `state` stood. Raises ValueError on a mismatch."""
-        if state.get("kind") != STATE_KIND:
-            raise ValueError(f"not a DaliLoader state (kind={state.get('kind')!r})")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"DaliLoader state version {state.get('version')}, this code reads {STATE_VERSION}")
         expected = {
             "rank": self.rank,
             "world_size": self.world_size,
@@ -266,15 +256,8 @@ class DaliLoader:
             "num_records": self.num_records,
             "train": int(self.train),
         }
-        wrong = [f"{k}={state.get(k)} (this loader: {v})" for k, v in expected.items() if state.get(k) != v]
-        if wrong:
-            raise ValueError(
-                "DaliLoader state does not fit this loader: " + ", ".join(wrong) + ". The DALI checkpoint "
-                "is per rank and per sharding: restore each rank from its own state, with the same "
-                "world size, batch size and shards."
-            )
-        if not 0 <= state["step"] <= self.steps_per_epoch:
-            raise ValueError(f"state step {state['step']} outside 0..{self.steps_per_epoch}")
+        # The DALI checkpoint is per rank and per sharding.
+        check_loader_state(state, STATE_KIND, STATE_VERSION, expected, self.steps_per_epoch)
         checkpoint = base64.b64decode(state["dali_checkpoint"])
         # A pipeline can only be restored when it is built: replace the running one.
         self._iterator = self._build(checkpoint)

@@ -176,3 +176,39 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"the loaders yield on 'cpu' or 'cuda' devices, got {device}")
     return device
+
+
+def place_loader(
+    spec: str | Path | list[str | Path],
+    config: LoaderConfig,
+    rank: int | None,
+    world_size: int | None,
+    device: str | torch.device | None,
+) -> tuple[int, int, torch.device, list[ShardCheck]]:
+    """What both loaders settle first: (rank, world size, device, preflighted shards).
+
+    rank and world size default to the torch.distributed process group (0 and 1 without one).
+    """
+    from alip.distributed import get_rank, get_world_size
+
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank, world_size, resolve_device(device), prepare_shards(spec, preflight=config.preflight)
+
+
+def check_loader_state(state: dict, kind: str, version: int, expected: dict, steps: int) -> None:
+    """Refuse a loader state written by another kind of loader or for another sharding (ValueError)."""
+    if state.get("kind") != kind or state.get("version") != version:
+        raise ValueError(
+            f"not a {kind} state v{version} (kind={state.get('kind')!r}, version={state.get('version')!r})"
+        )
+    wrong = [f"{k}={state.get(k)} (this loader: {v})" for k, v in expected.items() if state.get(k) != v]
+    if wrong:
+        raise ValueError(
+            f"{kind} state does not fit this loader: " + ", ".join(wrong) + ". Restore each rank from its "
+            "own state, with the same world size, batch size and shards."
+        )
+    if not 0 <= state.get("step", -1) <= steps:
+        raise ValueError(f"state step {state.get('step')} outside 0..{steps}")

@@ -31,9 +31,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from alip.data import schema
-from alip.data.loader_config import LoaderConfig, prepare_shards, resolve_device, steps_per_epoch
+from alip.data.loader_config import LoaderConfig, check_loader_state, place_loader, steps_per_epoch
 from alip.data.recordio import RecordIOReader, ShardCheck, read_idx
-from alip.distributed import get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -189,12 +188,7 @@ class TorchLoader:
     ) -> None:
         self.config = config
         self.train = train
-        self.rank = get_rank() if rank is None else rank
-        self.world_size = get_world_size() if world_size is None else world_size
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
-        self.device = resolve_device(device)
-        self.shards = prepare_shards(shards, preflight=config.preflight)
+        self.rank, self.world_size, self.device, self.shards = place_loader(shards, config, rank, world_size, device)
         self.dataset = RecordDataset(self.shards, config, train)
         self.num_records = len(self.dataset)
         self.sampler = EpochSampler(
@@ -258,19 +252,13 @@ class TorchLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at `state`'s epoch and step (the batches before it are skipped, not read)."""
-        if state.get("kind") != STATE_KIND or state.get("version") != STATE_VERSION:
-            raise ValueError(f"not a TorchLoader state v{STATE_VERSION} (kind={state.get('kind')!r})")
         expected = {
             "world_size": self.world_size,
             "batch_size": self.config.batch_size,
             "num_records": self.num_records,
             "seed": self.config.seed,
         }
-        wrong = [f"{k}={state.get(k)} (this loader: {v})" for k, v in expected.items() if state.get(k) != v]
-        if wrong:
-            raise ValueError("TorchLoader state does not fit this loader: " + ", ".join(wrong))
-        if not 0 <= state["step"] <= self.steps_per_epoch:
-            raise ValueError(f"state step {state['step']} outside 0..{self.steps_per_epoch}")
+        check_loader_state(state, STATE_KIND, STATE_VERSION, expected, self.steps_per_epoch)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     def close(self) -> None:
