@@ -292,3 +292,38 @@ def test_dali_reads_the_shards_of_a_run_with_planted_bad_inputs_end_to_end(plant
             seen.append(entry["key"])
     loader.close()
     assert set(seen) == {v[0] for v in records.values()} and len(records) == len(rows) - len(bad)
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv", "parquet"])
+def test_every_manifest_format_and_a_parquet_sidecar(planted, tmp_path, fmt):
+    _, img, _, _ = planted
+    rows = [{"path": f"good{i}.jpg", "title": f"title, with comma {i}", "uid": f"u{i}"} for i in range(4)]
+    captions = [{"path": f"good{i}.jpg", "caption": f"caption {i}"} for i in range(4)]
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        manifest = tmp_path / "m.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), manifest)
+        sidecar = tmp_path / "caps.parquet"
+        pq.write_table(pa.Table.from_pylist(captions), sidecar)
+    else:
+        import csv
+
+        manifest = tmp_path / f"m.{fmt}"
+        with open(manifest, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+        sidecar = tmp_path / "caps.jsonl"
+        sidecar.write_text("".join(json.dumps(c) + "\n" for c in captions))
+    cols = Columns(image="path", text="title", key="uid")
+    report = convert([manifest], opts_for(tmp_path / "out", image_root=img, columns=cols, captions=sidecar))
+    got = {v[4]["sample_key"]: v[4] for v in read_all(report.meta_path).values()}
+    assert got.keys() == {"u0", "u1", "u2", "u3"}
+    assert all(got[f"u{i}"]["raw_text"] == f"title, with comma {i}" for i in range(4))
+    assert all(got[f"u{i}"]["caption"] == f"caption {i}" for i in range(4))
+    with pytest.raises(
+        InputError, match=r"column\(s\) \['text'\] not found; the manifest has \['path', 'title', 'uid'\]"
+    ):
+        convert([manifest], opts_for(tmp_path / "bad", image_root=img, columns=Columns(image="path"), captions=sidecar))
