@@ -327,3 +327,13 @@ def test_every_manifest_format_and_a_parquet_sidecar(planted, tmp_path, fmt):
         InputError, match=r"column\(s\) \['text'\] not found; the manifest has \['path', 'title', 'uid'\]"
     ):
         convert([manifest], opts_for(tmp_path / "bad", image_root=img, columns=Columns(image="path"), captions=sidecar))
+
+
+def test_pil_own_bomb_guard_is_reported_and_not_disabled():
+    from alip.data.images import BadImage, prepare_image
+
+    buf = io.BytesIO()
+    Image.new("1", (15000, 13000)).save(buf, format="PNG")  # 195 Mpx: over PIL's 2 x MAX_IMAGE_PIXELS
+    with pytest.raises(BadImage, match="decompression bomb"):
+        prepare_image(buf.getvalue(), max_pixels=10**12)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # importing alip changes no process-wide PIL setting

@@ -14,9 +14,6 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-# We enforce our own pixel limit, with our own message; PIL's global one would warn or raise
-# depending on how far over the limit an image is.
-Image.MAX_IMAGE_PIXELS = None
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -53,7 +50,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def prepare_image(
     data: bytes, max_side: int | None = None, quality: int = 95, max_pixels: int = 89_478_485
 ) -> PreparedImage:
-    """Decode and check `data`; return JPEG bytes ready for a shard, or raise BadImage."""
+    """Decode and check `data`; return JPEG bytes ready for a shard, or raise BadImage.
+
+    `max_pixels` is our bomb limit. PIL's process-wide guard is left alone (no global side
+    effects); it refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 Mpx, on its own.
+    """
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
@@ -66,6 +67,8 @@ def prepare_image(
             img.load()  # the full decode: raises on truncated or corrupt data
     except BadImage:
         raise
+    except Image.DecompressionBombError as e:  # PIL's own guard (2x Image.MAX_IMAGE_PIXELS) fired first
+        raise BadImage(f"decompression bomb: {e}") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for bad files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadImage(f"corrupt or unreadable image: {reason}") from None
