@@ -75,6 +75,9 @@ class ScheduleConfig:
     warmup: float = 0.1  # fraction of the total steps
     # OneCycleLR also cycles AdamW's beta1 between these (inversely to the lr), as the release does.
     cycle_beta1: tuple[float, float] = (0.85, 0.95)
+    # The release uses OneCycleLR's defaults: start at lr / 25, end at lr / 25 / 1e4.
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
     final_lr_fraction: float = 0.0  # cosine: lr at the end, as a fraction of the peak
 
 
