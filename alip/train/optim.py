@@ -1,0 +1,71 @@
+"""AdamW with CLIP's weight-decay exclusions, and the learning-rate schedules of the config.
+
+Weight decay is not applied to biases, norm parameters, embeddings (token, positional, class) and
+logit_scale. Decaying a temperature or a LayerNorm gain towards zero has no regularising meaning.
+The released ALIP code decayed everything; CLIP and open_clip exclude these, and so do we.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from alip.config import OptimConfig, ScheduleConfig
+
+_NO_DECAY_NAMES = ("embedding", "logit_scale", "logit_bias")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies: matrices and conv kernels only, and no embeddings."""
+    return param.ndim >= 2 and not any(key in name for key in _NO_DECAY_NAMES)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if decays(name, param) else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = all(p.is_cuda for p in decay + no_decay)  # the fused kernel is CUDA-only
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> LRScheduler:
+    """Stepped once per optimizer step (not per micro-batch)."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup = int(cfg.warmup * total_steps)
+    if cfg.name == "onecycle":
+        # As released: torch's OneCycleLR, which also cycles beta1 between cycle_beta1
+        # (high while the lr is low, and back).
+        return OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=cfg.warmup,
+            anneal_strategy="cos",
+            cycle_momentum=True,
+            base_momentum=cfg.cycle_beta1[0],
+            max_momentum=cfg.cycle_beta1[1],
+            div_factor=cfg.div_factor,
+            final_div_factor=cfg.final_div_factor,
+        )
+    if cfg.name == "cosine":
+        floor = cfg.final_lr_fraction
+
+        def cosine(step: int) -> float:  # linear warm-up from 0, then cosine down to `floor`
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return LambdaLR(optimizer, cosine)
+    if cfg.name == "constant":
+        return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    raise ValueError(f"unknown schedule {cfg.name!r}")
