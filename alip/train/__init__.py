@@ -1,1 +1,4 @@
-"""Training: optimizer and schedule (optim.py). The loop, checkpoints and entry point are to come."""
+"""Training: optimizer and schedules (optim.py), checkpoint files (checkpoint.py).
+
+The loop and the entry point are still to come (the trainer issue).
+"""
