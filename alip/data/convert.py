@@ -39,6 +39,7 @@ from alip.data.sources import (
     SourceSample,
     manifest_samples,
     read_caption_sidecar,
+    read_image_bytes,
     tar_samples,
 )
 
@@ -207,20 +208,6 @@ def _init_worker(opts: ConvertOptions, counter) -> None:
     _worker.update(tokenizer=open_clip.get_tokenizer(opts.tokenizer), opts=opts, counter=counter)
 
 
-def _read_image_bytes(sample: SourceSample) -> bytes:
-    if sample.tar_offset >= 0:
-        with open(sample.image, "rb") as f:
-            f.seek(sample.tar_offset)
-            return f.read(sample.size)
-    try:
-        with open(sample.image, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise BadImage("missing file") from None
-    except OSError as e:
-        raise BadImage(f"unreadable file: {e.strerror or e}") from None
-
-
 def _tokenize(texts: list[str]) -> np.ndarray:
     import ftfy
 
@@ -242,7 +229,7 @@ def write_shard(task: ShardTask) -> ShardResult:
     with RecordIOWriter(tmp[".rec"], tmp[".idx"]) as writer, open(tmp[".texts.jsonl"], "w", encoding="utf-8") as texts:
         for i, (key, sample) in enumerate(task.items):
             try:
-                img = prepare_image(_read_image_bytes(sample), opts.max_side, opts.jpeg_quality, opts.max_pixels)
+                img = prepare_image(read_image_bytes(sample), opts.max_side, opts.jpeg_quality, opts.max_pixels)
             except BadImage as e:
                 skipped.append({"source": sample.source, "key": sample.key, "reason": str(e)})
             else:

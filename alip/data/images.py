@@ -9,12 +9,14 @@ no resize and no EXIF rotation passes through byte for byte; that is the fast pa
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
 _EXIF_ORIENTATION = 0x0112
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class BadImage(ValueError):
@@ -47,10 +49,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def prepare_image(
-    data: bytes, max_side: int | None = None, quality: int = 95, max_pixels: int = 89_478_485
-) -> PreparedImage:
-    """Decode and check `data`; return JPEG bytes ready for a shard, or raise BadImage.
+def open_image(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
+    """Fully decode `data` and check it; the image keeps its own mode and orientation. Raises BadImage.
 
     `max_pixels` is our bomb limit. PIL's process-wide guard is left alone (no global side
     effects); it refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 Mpx, on its own.
@@ -67,15 +67,38 @@ def prepare_image(
             img.load()  # the full decode: raises on truncated or corrupt data
     except BadImage:
         raise
-    except Image.DecompressionBombError as e:  # PIL's own guard (2x Image.MAX_IMAGE_PIXELS) fired first
+    except Image.DecompressionBombError as e:  # PIL's own guard fired first
         raise BadImage(f"decompression bomb: {e}") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for bad files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # PIL names the buffer ("<_io.BytesIO object at 0x7f...>"): a memory address would make
+        # the reports of identical runs differ
+        reason = _OBJECT_REPR.sub("", str(e).splitlines()[0] if str(e) else "").strip() or type(e).__name__
         raise BadImage(f"corrupt or unreadable image: {reason}") from None
     if width == 0 or height == 0:
         raise BadImage(f"image has no pixels ({width}x{height})")
+    return img
+
+
+def _is_rotated(img: Image.Image) -> bool:
+    return img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
+
+
+def decode_image(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
+    """Decode and check `data`: an upright RGB image, as data2rec stores it. Raises BadImage."""
+    img = open_image(data, max_pixels)
+    if _is_rotated(img):
+        img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
+
+
+def prepare_image(
+    data: bytes, max_side: int | None = None, quality: int = 95, max_pixels: int = 89_478_485
+) -> PreparedImage:
+    """Decode and check `data`; return JPEG bytes ready for a shard, or raise BadImage."""
+    img = open_image(data, max_pixels)
+    width, height = img.size
     fmt, mode = img.format, img.mode
-    rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
+    rotated = _is_rotated(img)
     too_big = max_side is not None and max(width, height) > max_side
     if fmt == "JPEG" and mode in ("RGB", "L") and not rotated and not too_big:
         return PreparedImage(data, width, height, True, mode, fmt)

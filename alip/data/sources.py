@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from alip.data.images import BadImage
+
 MANIFEST_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -207,3 +209,18 @@ def read_caption_sidecar(path: Path) -> tuple[dict[str, str], dict[str, str]]:
         if entry.get("path") is not None:
             by_path[str(entry["path"])] = str(entry["caption"])
     return by_key, by_path
+
+
+def read_image_bytes(sample: SourceSample) -> bytes:
+    """The image bytes of a sample, from its file or from inside its tar. Raises BadImage if unreadable."""
+    if sample.tar_offset >= 0:
+        with open(sample.image, "rb") as f:
+            f.seek(sample.tar_offset)
+            return f.read(sample.size)
+    try:
+        with open(sample.image, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BadImage("missing file") from None
+    except OSError as e:
+        raise BadImage(f"unreadable file: {e.strerror or e}") from None
