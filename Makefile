@@ -7,6 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 DALI ?= dali-cuda130
+CLIP_BENCHMARK := 1.6.2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --isolated --progress-bar off
 
@@ -17,6 +18,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt -e ".[dev,$(DALI)]"
+	# Zero-shot class names and prompt templates come from CLIP_benchmark's JSON files. We read the
+	# files only; its own dependencies (pycocoevalcap, webdataset, ...) are not needed, hence --no-deps.
+	$(PIP) --no-deps clip-benchmark==$(CLIP_BENCHMARK)
 	touch $@
 
 test: install

@@ -1,0 +1,306 @@
+"""Command line: `python -m alip.eval {retrieval,zeroshot,linear-probe} ...` (or under torchrun).
+
+Every run writes one results JSON (model, checkpoint sha256, datasets with split and sample
+counts, templates hash, precision, package versions, every metric) and prints a table.
+Under torchrun the images and prompts are sharded over the ranks and gathered exactly; rank 0
+writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alip.distributed import init_distributed
+from alip.eval.datasets import TORCHVISION_LAYOUTS, ClassificationData, load_classification, load_retrieval
+from alip.eval.features import FEATURE_STAGES, PRECISIONS, cached, extract_features, image_encoder
+from alip.eval.linear_probe import DEFAULT_C_GRID, linear_probe, probe_summary
+from alip.eval.metrics import paper_metric
+from alip.eval.results import build_record, format_table, model_record, write_record
+from alip.eval.retrieval import evaluate_retrieval
+from alip.eval.zeroshot import evaluate_zeroshot
+
+logger = logging.getLogger("alip.eval")
+
+EPILOG = (
+    """
+where the data goes (nothing is downloaded; a missing dataset says what it expected):
+  retrieval   --annotations dataset_coco.json --images <coco>/   (Karpathy JSON; images at <coco>/val2014/*.jpg)
+              --annotations dataset_flickr30k.json --images <flickr30k-images>/
+              also CLIP_benchmark's coco_test_karpathy.json / flickr30k_test_karpathy.txt, a CSV/JSONL with
+              image,caption columns (several rows per image), or a CLIP_benchmark webdataset folder
+  zeroshot / linear-probe  --data ROOT with one --dataset: ROOT holds that dataset's torchvision layout;
+              with several --dataset names: ROOT/<name>/ holds each. Layouts:
+"""
+    + "\n".join(f"     {k:14s} {v}" for k, v in TORCHVISION_LAYOUTS.items())
+    + """
+     any other name: an ImageFolder (<root>/<class>/*.jpg + classnames.txt) or a CLIP_benchmark webdataset
+                    (<root>/<split>/nshards.txt, <root>/<split>/0.tar, classnames.txt,
+                    zeroshot_classification_templates.txt)
+examples:
+  python -m alip.eval zeroshot --model ViT-B-32 --checkpoint ALIP_YFCC15M_B32.pt --data /data/eval \\
+      --dataset cifar10 cifar100 food101 pets flowers sun397 cars dtd caltech101 fgvc_aircraft
+  torchrun --nproc_per_node 8 -m alip.eval retrieval --checkpoint ckpt.pt --dataset coco \\
+      --annotations /data/coco/dataset_coco.json --images /data/coco
+  python -m alip.eval linear-probe --checkpoint ckpt.pt --data /data/eval --dataset cifar10 --cache-dir feats/
+"""
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and run")
+    g.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
+    g.add_argument("--checkpoint", default=None, help="local checkpoint: ALIP release, open_clip, ours, safetensors")
+    g.add_argument("--device", default=None, help="default: this rank's GPU if any, else cpu")
+    g.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="feature precision (default fp32)")
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
+    g.add_argument("--output", default=None, help="results JSON (default: eval_results/<task>-<model>-<time>.json)")
+    g.add_argument("--log-level", default="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m alip.eval",
+        description="ALIP evaluation: zero-shot retrieval, zero-shot classification, linear probe.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="task", required=True)
+
+    r = sub.add_parser(
+        "retrieval",
+        help="image-text retrieval R@1/5/10 (MSCOCO 5k, Flickr30k 1k)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(r)
+    r.add_argument("--dataset", default=None, help="name in the results (default: from the annotation file)")
+    r.add_argument("--annotations", required=True, help="Karpathy JSON, CLIP_benchmark file, CSV/JSONL or wds folder")
+    r.add_argument("--images", default=None, help="image root the annotations are relative to")
+    r.add_argument("--format", default="auto", choices=["auto", "karpathy", "coco", "flickr", "table", "wds"])
+    r.add_argument("--split", default="test")
+
+    for name, helptext in (
+        ("zeroshot", "zero-shot classification top-1/top-5/mean-per-class recall"),
+        ("linear-probe", "logistic-regression probe on frozen image features (CLIP protocol)"),
+    ):
+        c = sub.add_parser(name, help=helptext, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(c)
+        c.add_argument("--dataset", nargs="+", required=True, help=f"names: {', '.join(TORCHVISION_LAYOUTS)}, or any")
+        c.add_argument("--data", required=True, help="dataset root (several datasets: parent folder of <name>/)")
+        c.add_argument("--format", default="auto", choices=["auto", "torchvision", "imagefolder", "wds"])
+        c.add_argument("--classnames", default=None, help="file, one class name per line (overrides the default)")
+        c.add_argument("--templates", default=None, help="file, one template per line with {c} (overrides)")
+        if name == "zeroshot":
+            c.add_argument("--split", default="test")
+        else:
+            c.add_argument("--train-split", default="train")
+            c.add_argument("--test-split", default="test")
+            c.add_argument(
+                "--feature",
+                choices=FEATURE_STAGES,
+                default="projected",
+                help="image features after the projection (default) or before it",
+            )
+            c.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the features")
+            c.add_argument("--cache-dir", default=None, help="cache extracted features here")
+            c.add_argument("--val-fraction", type=float, default=0.2, help="train fraction held out to pick C")
+            c.add_argument("--c-grid", type=float, nargs="+", default=list(DEFAULT_C_GRID), help="coarse C grid")
+            c.add_argument("--refine-steps", type=int, default=6, help="log-bisection steps after the grid")
+            c.add_argument("--max-iter", type=int, default=1000)
+            c.add_argument("--probe-device", default=None, help="device for the L-BFGS fit (default: GPU if any)")
+            c.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _dataset_root(args: argparse.Namespace, name: str) -> Path:
+    root = Path(args.data)
+    return root / name if len(args.dataset) > 1 else root
+
+
+def _describe(data: ClassificationData) -> dict[str, Any]:
+    return {
+        "name": data.name,
+        "split": data.split,
+        "num_samples": len(data),
+        "num_classes": len(data.classnames),
+        "num_templates": len(data.templates),
+        "templates_sha256": data.templates_sha256,
+        "source": data.source,
+    }
+
+
+def _run_retrieval(args: argparse.Namespace, model: Any, tokenizer: Any, preprocess: Any, device: str) -> list[dict]:
+    data = load_retrieval(args.annotations, args.images, split=args.split, fmt=args.format, name=args.dataset)
+    metrics = evaluate_retrieval(
+        model,
+        tokenizer,
+        data,
+        preprocess,
+        device=device,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        precision=args.precision,
+    )
+    desc = {
+        "name": data.name,
+        "split": data.split,
+        "annotations": str(Path(args.annotations).resolve()),
+        "num_images": len(data.images),
+        "num_texts": len(data.captions),
+    }
+    return [{**desc, "metrics": metrics}]
+
+
+def _run_zeroshot(args: argparse.Namespace, model: Any, tokenizer: Any, preprocess: Any, device: str) -> list[dict]:
+    out = []
+    for name in args.dataset:
+        data = load_classification(
+            name, _dataset_root(args, name), args.split, preprocess, args.format, args.classnames, args.templates
+        )
+        metrics = evaluate_zeroshot(
+            model,
+            tokenizer,
+            data,
+            device=device,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            precision=args.precision,
+        )
+        out.append({**_describe(data), "metrics": metrics})
+    return out
+
+
+def _run_linear_probe(args: argparse.Namespace, model: Any, preprocess: Any, device: str, ckpt: dict) -> list[dict]:
+    out = []
+    encode = image_encoder(model, stage=args.feature, normalize=not args.no_normalize)
+    for name in args.dataset:
+        splits = {}
+        for role, split in (("train", args.train_split), ("test", args.test_split)):
+            data = load_classification(
+                name, _dataset_root(args, name), split, preprocess, args.format, args.classnames, args.templates
+            )
+            key = {
+                "model": args.model,
+                "checkpoint_sha256": ckpt["checkpoint_sha256"],
+                "dataset": name,
+                "split": split,
+                "num_samples": len(data),
+                "feature": args.feature,
+                "normalize": not args.no_normalize,
+                "precision": args.precision,
+                "root": str(data.source),
+            }
+
+            def compute(data: ClassificationData = data, role: str = role) -> dict[str, torch.Tensor]:
+                x, y = extract_features(
+                    data.dataset,
+                    encode,
+                    device=device,
+                    batch_size=args.batch_size,
+                    num_workers=args.workers,
+                    precision=args.precision,
+                    with_labels=True,
+                    desc=f"{data.name} {role}",
+                )
+                return {"features": x, "labels": y}
+
+            splits[role] = (data, cached(args.cache_dir, key, compute))
+        (train, tr), (test, te) = splits["train"], splits["test"]
+        metric = paper_metric(name)
+        result = linear_probe(
+            tr["features"],
+            tr["labels"],
+            te["features"],
+            te["labels"],
+            num_classes=len(train.classnames),
+            select_metric=metric,
+            c_grid=args.c_grid,
+            refine_steps=args.refine_steps,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            max_iter=args.max_iter,
+            device=args.probe_device,
+        )
+        desc = _describe(test)
+        desc.update(
+            train_split=train.split,
+            num_train=len(train),
+            feature=args.feature,
+            normalize=not args.no_normalize,
+            val_fraction=args.val_fraction,
+        )
+        out.append({**desc, "metrics": probe_summary(result, metric)})
+    return out
+
+
+_COLUMNS = {
+    "retrieval": [
+        "name",
+        "num_images",
+        "num_texts",
+        "i2t_R@1",
+        "i2t_R@5",
+        "i2t_R@10",
+        "t2i_R@1",
+        "t2i_R@5",
+        "t2i_R@10",
+    ],
+    "zeroshot": ["name", "split", "num_samples", "top1", "top5", "mean_per_class_recall", "paper_metric"],
+    "linear-probe": [
+        "name",
+        "num_train",
+        "num_samples",
+        "top1",
+        "top5",
+        "mean_per_class_recall",
+        "paper_metric",
+        "best_C",
+    ],
+}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env = init_distributed()
+    device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    import alip  # the public API; imported here so `--help` stays fast
+
+    model, _, preprocess = alip.create_model(args.model, pretrained=args.checkpoint, device=device)
+    model.eval()
+    ckpt = model_record(args.model, args.checkpoint)
+    if args.task == "retrieval":
+        datasets = _run_retrieval(args, model, alip.get_tokenizer(args.model), preprocess, device)
+    elif args.task == "zeroshot":
+        datasets = _run_zeroshot(args, model, alip.get_tokenizer(args.model), preprocess, device)
+    else:
+        datasets = _run_linear_probe(args, model, preprocess, device, ckpt)
+    settings = {"precision": args.precision, "batch_size": args.batch_size, "world_size": env.world_size}
+    if args.task == "linear-probe":
+        settings.update(feature=args.feature, c_grid=args.c_grid, refine_steps=args.refine_steps)
+    record = build_record(args.task, ckpt, datasets, **settings)
+    if env.is_main:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        output = args.output or f"eval_results/{args.task}-{args.model}-{stamp}.json"
+        write_record(record, output)
+        rows = [
+            {"name": d["name"], **{k: v for k, v in d.items() if not isinstance(v, dict)}, **d["metrics"]}
+            for d in datasets
+        ]
+        print(format_table(rows, _COLUMNS[args.task]))
+        print(f"results: {output}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
