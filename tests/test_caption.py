@@ -8,7 +8,6 @@ import importlib.util
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -19,7 +18,7 @@ import ftfy
 import open_clip
 import pytest
 import torch
-import torch.multiprocessing as mp
+from dist_harness import join_rank_env, run_ranks
 from shard_factory import PHOTOS, jpeg_bytes, photo
 
 from alip.caption.captioner import Captioner, DecodeSettings, ModelLoadError
@@ -221,10 +220,8 @@ def test_kill_midway_and_rerun_gives_every_key_once(clean, tiny_blip, tmp_path):
         assert e.caption == clean_captions[f"{PHOTOS[i % len(PHOTOS)]}.jpg"], e
 
 
-def _rank_worker(rank, world, port, model, manifest, img, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank_worker(rank, port, model, manifest, img, out):
+    join_rank_env(rank, 2, port)
     from alip.distributed import init_distributed
 
     init_distributed(timeout_s=120)
@@ -236,17 +233,7 @@ def _rank_worker(rank, world, port, model, manifest, img, out):
 
 def test_two_ranks_give_the_same_sidecar_as_one(clean, photos, tiny_blip, tmp_path):
     out = tmp_path / "caps.jsonl"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = (2, port, str(tiny_blip), str(photos[0]), str(photos[1]), str(out))
-    ctx = mp.start_processes(_rank_worker, args=args, nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-rank captioning did not finish in 180 s (a rank waiting at a barrier?)")
+    run_ranks(_rank_worker, (str(tiny_blip), str(photos[0]), str(photos[1]), str(out)), nprocs=2, timeout=180)
     reports = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(2)]
     assert [r[0] + r[1] for r in reports] == [4, 4] and [r[2] for r in reports] == [True, False]
     assert out.read_bytes() == clean[0].read_bytes()  # deterministic (greedy) and independent of the world size

@@ -2,13 +2,11 @@
 
 import math
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_harness import join_rank_env, run_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import alip
@@ -89,14 +87,7 @@ def nan_on_one_rank(rank, world_size):
 
 
 def _worker(rank, port, out_dir):
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    join_rank_env(rank, WORLD, port)
     env = alip.init_distributed(timeout_s=60)
     assert env.world_size == WORLD and dist.get_backend() == "gloo"
     results = {case: run_case(*case, rank, WORLD) for case in CASES}
@@ -105,22 +96,10 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
-    ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-process gloo run did not finish in 240 s (a rank waiting in a collective?)")
+    run_ranks(_worker, (out_dir,), nprocs=WORLD)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 

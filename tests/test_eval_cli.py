@@ -11,16 +11,9 @@ from test_eval_formats import CIFAR10_CLASSES, KeyStub, write_cifar10, write_ima
 import alip
 from alip.eval import Evaluator
 from alip.eval.__main__ import main
-from alip.eval.features import file_sha256
+from alip.files import sha256_file
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny models are ~100x slower with two contending OpenMP threads on a loaded 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def test_zeroshot_cli_writes_results(tmp_path, checkpoint, capsys, monkeypatch):
     record = main(["zeroshot", *common, "--data", str(tmp_path), "--dataset", "cifar10", "toy", "--output", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(record))
-    assert saved["model"]["checkpoint_sha256"] == file_sha256(checkpoint)
+    assert saved["model"]["checkpoint_sha256"] == sha256_file(checkpoint)
     assert saved["settings"]["precision"] == "fp32" and saved["versions"]["torch"] == torch.__version__.split("+")[0]
     cifar, toy = saved["datasets"]
     assert (cifar["name"], cifar["split"], cifar["num_samples"], cifar["num_classes"]) == ("cifar10", "test", 30, 10)

@@ -1,13 +1,11 @@
 """2 gloo processes give exactly the metrics of 1 process, on datasets whose sizes do not divide by 2."""
 
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_harness import join_rank_env, run_ranks
 from test_eval_formats import CIFAR10_CLASSES, write_imagefolder, write_karpathy
 
 import alip
@@ -19,14 +17,7 @@ from alip.eval.zeroshot import evaluate_zeroshot
 WORLD = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the tiny models here run ~100x slower when two OpenMP threads contend with
-    other processes for a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_all(data_dir):
@@ -50,17 +41,10 @@ def run_all(data_dir):
 
 
 def _worker(rank, port, data_dir, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    join_rank_env(rank, WORLD, port)
     alip.init_distributed(timeout_s=60)
     torch.save(run_all(data_dir), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +56,7 @@ def data_dir(tmp_path_factory):
 
 
 def test_two_ranks_equal_one_rank(data_dir, tmp_path):
-    ctx = mp.start_processes(
-        _worker, args=(_free_port(), data_dir, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed eval workers timed out")
+    run_ranks(_worker, (data_dir, str(tmp_path)), nprocs=WORLD)
     single = run_all(data_dir)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for got in ranks:  # every rank holds the full result

@@ -37,14 +37,7 @@ CAPTIONS = [
 ]  # 5 captions per image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the tiny models here run ~100x slower when two OpenMP threads contend with
-    other processes for a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def key_image(key: int, size: int = 8) -> Image.Image:

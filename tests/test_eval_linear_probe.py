@@ -11,14 +11,7 @@ from alip.eval.metrics import classification_metrics
 sklearn_linear = pytest.importorskip("sklearn.linear_model")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the tiny models here run ~100x slower when two OpenMP threads contend with
-    other processes for a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n, classes=6, dim=24, spread=0.35, seed=0):

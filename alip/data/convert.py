@@ -42,6 +42,7 @@ from alip.data.sources import (
     read_image_bytes,
     tar_samples,
 )
+from alip.files import sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -250,9 +251,9 @@ def write_shard(task: ShardTask) -> ShardResult:
     for ext in final:  # rec, idx, texts: all present before the done marker says so
         os.replace(tmp[ext], final[ext])
     result = ShardResult(
-        task.stem, count, nbytes, _sha256(final[".rec"]), skipped, dict(stats), time.perf_counter() - started
+        task.stem, count, nbytes, sha256_file(final[".rec"]), skipped, dict(stats), time.perf_counter() - started
     )
-    _write_json_atomic(out / f"{task.stem}.done.json", asdict(result))
+    write_json_atomic(out / f"{task.stem}.done.json", asdict(result))
     return result
 
 
@@ -274,20 +275,6 @@ def _bump(n: int) -> None:
     if counter is not None and n:
         with counter.get_lock():
             counter.value += n
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- 4. orchestrate
@@ -360,7 +347,7 @@ def _claim_output(out: Path, opts: ConvertOptions, fingerprint: str, num_shards:
     if opts.overwrite:
         for p in out.glob(f"{opts.prefix}[-.]*"):
             p.unlink()
-    _write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards, "seed": opts.seed})
+    write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards, "seed": opts.seed})
 
 
 def _load_done(path: Path) -> ShardResult | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from alip.data.recordio import IRHeader, RecordIOError, pack, unpack
+from alip.files import write_json_atomic
 
 CONTEXT_LENGTH = 77
 LABEL_LENGTH = 2 * CONTEXT_LENGTH
@@ -108,10 +108,7 @@ class DatasetMeta:
 
 def write_meta(path: str | Path, meta: DatasetMeta) -> None:
     """Write the meta JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, meta.to_json())
 
 
 def read_meta(path: str | Path) -> DatasetMeta:

@@ -172,14 +172,6 @@ def extract_features(
     return out, out_labels
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cached(
     cache_dir: str | Path | None, key: dict[str, Any], compute: Callable[[], dict[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:

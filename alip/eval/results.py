@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from alip.eval.features import file_sha256
+from alip.files import sha256_file
 
 _PACKAGES = ("alip", "torch", "torchvision", "open_clip_torch", "clip-benchmark", "numpy", "pillow")
 
@@ -30,7 +30,7 @@ def model_record(model_name: str, checkpoint: str | None) -> dict[str, Any]:
     record: dict[str, Any] = {"name": model_name, "checkpoint": checkpoint, "checkpoint_sha256": None}
     if checkpoint is not None and Path(checkpoint).is_file():
         record["checkpoint"] = str(Path(checkpoint).resolve())
-        record["checkpoint_sha256"] = file_sha256(checkpoint)
+        record["checkpoint_sha256"] = sha256_file(checkpoint)
     return record
 
 

@@ -12,7 +12,6 @@ training loop only asks `checkpointer.should_save(step)`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,17 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from alip.files import sha256_file, write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -53,10 +46,8 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())  # the bytes are on disk before the name says they are
     os.replace(tmp, path)
-    manifest = {"step": step, "bytes": path.stat().st_size, "sha256": _sha256(path), "time": time.time()}
-    tmp_json = path.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(manifest) + "\n")
-    os.replace(tmp_json, path.with_suffix(".json"))
+    manifest = {"step": step, "bytes": path.stat().st_size, "sha256": sha256_file(path), "time": time.time()}
+    write_json_atomic(path.with_suffix(".json"), manifest, indent=None)
     if keep_last is not None:
         for old in list_checkpoints(directory)[:-keep_last]:
             old.unlink(missing_ok=True)
@@ -82,7 +73,7 @@ def is_complete(path: Path, verify_hash: bool = True) -> bool:
         return False
     if path.stat().st_size != manifest.get("bytes"):
         return False
-    return not verify_hash or _sha256(path) == manifest.get("sha256")
+    return not verify_hash or sha256_file(path) == manifest.get("sha256")
 
 
 def find_latest(directory: str | Path, verify_hash: bool = True) -> Path | None:
