@@ -1,4 +1,9 @@
-"""Training: optimizer and schedules (optim.py), checkpoint files (checkpoint.py).
+"""Training: the loop and its components.
 
-The loop and the entry point are still to come (the trainer issue).
+- `run.train(cfg, resume)`: distributed set-up, run folder, resume, fit (`python -m alip.train`).
+- `trainer.Trainer`: the step-based loop over DDP; everything a resume needs is in its `state_dict()`.
+- `step`: exact gradient accumulation for the contrastive loss (cached features), non-finite skips.
+- `optim`: AdamW without decay on biases/norms/embeddings/logit_scale, and the schedules.
+- `checkpoint`: atomic checkpoint files, keep-last-K, the latest complete one, RNG state.
+- `logger`: rank-0 console lines, per-step losses JSONL, TensorBoard, optional wandb.
 """

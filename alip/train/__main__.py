@@ -1,0 +1,54 @@
+"""Train ALIP: `python -m alip.train CONFIG [--resume latest|PATH] [section.key=value ...]`.
+
+One process on a CPU or GPU, or under torchrun (N processes per node, several nodes):
+
+    torchrun --nproc-per-node 8 -m alip.train configs/yfcc15m_vitb32_alip.yaml data.train=/data/yfcc15m_rec
+    python -m alip.train configs/tiny_cpu.yaml data.train=shards/ --resume latest
+
+Under torchrun with --max-restarts, a restarted worker group resumes from the last complete
+checkpoint by itself (TORCHELASTIC_RESTART_COUNT > 0 implies `--resume latest`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch.distributed as dist
+
+from alip.config import ConfigError, load_config
+from alip.train.run import train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m alip.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4 train.precision=bf16")
+    p.add_argument("--resume", help="'latest' (newest complete checkpoint of the run, if any) or a checkpoint path")
+    return p.parse_intermixed_args(argv)  # overrides and --resume in any order
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        train(load_config(args.config, args.overrides), args.resume)
+    except ConfigError as e:  # also the world-size checks, which only train() can make
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

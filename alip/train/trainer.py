@@ -1,0 +1,357 @@
+"""The ALIP trainer: a step-based loop over DDP, whose components decide when to act.
+
+    trainer = Trainer(cfg, shape, run_dir, device)
+    trainer.fit()
+
+Each step: next batch -> `train_step` (exact accumulation, see alip.train.step; skip on non-finite
+on every rank) -> `logger.should_log(step)` -> `evaluator.should_run(step)` ->
+`checkpointer.should_save(step)` (rank 0's time verdict, broadcast) -> SIGTERM check. Everything a
+resume needs is in `state_dict()`: model, optimizer, scaler, scheduler, gate EMAs, counters, and
+the RNG and loader state of every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import alip
+from alip.config import Config, RunShape, to_dict
+from alip.data.loader_config import LoaderConfig
+from alip.distributed import get_rank, get_world_size
+from alip.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from alip.train.logger import TrainLogger
+from alip.train.optim import build_optimizer, build_scheduler
+from alip.train.step import StepOutcome, all_ranks_finite, forward_backward, rank_mean
+
+logger = logging.getLogger("alip.train")
+
+LOGIT_SCALE_MAX = math.log(100)  # clamp to ln(100) = 4.6052, as in CLIP
+
+
+class TooManySkippedStepsError(RuntimeError):
+    """Training diverged: `train.max_consecutive_skips` non-finite steps in a row."""
+
+
+@dataclass
+class TrainState:
+    """Counters of the loop (all in the checkpoint)."""
+
+    step: int = 0  # batches consumed (optimizer steps applied or skipped)
+    samples_seen: int = 0  # over all ranks
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+
+def build_loader(cfg: Config, shape: RunShape, device: torch.device) -> Any:
+    """This rank's training loader (DALI or the torch fallback), batches of `shape.per_rank_batch`."""
+    d = cfg.data
+    config = LoaderConfig(
+        batch_size=shape.per_rank_batch,
+        image_size=d.image_size,
+        random_area=d.random_area,
+        random_aspect_ratio=d.random_aspect_ratio,
+        flip_prob=d.flip_prob,
+        shuffle_buffer=d.shuffle_buffer,
+        seed=cfg.train.seed,
+        num_threads=d.num_threads,
+        num_workers=d.num_workers,
+    )
+    if d.loader == "dali":
+        from alip.data.dali import DaliLoader  # DALI only where it is asked for
+
+        return DaliLoader(d.train, config, train=True, device=device)
+    from alip.data.torch_loader import TorchLoader
+
+    return TorchLoader(d.train, config, train=True, device=device)
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+
+
+class Trainer:
+    """Owns the model, loss, optimizer, loader and the components that decide when to act."""
+
+    def __init__(self, cfg: Config, shape: RunShape, run_dir: str | Path, device: torch.device) -> None:
+        self.cfg, self.shape, self.device = cfg, shape, device
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self._configure_determinism()
+        self.clip, self.net = self._build_model()
+        lc = cfg.loss
+        self.loss_fn = alip.AlipLoss(
+            use_caption=lc.use_caption,
+            use_gates=lc.use_gates,
+            pair_gate=lc.pair_gate,
+            momentum=lc.momentum,
+            power=lc.power,
+            local_loss=lc.local_loss,
+            gather_with_grad=lc.gather_with_grad,
+        ).to(device)
+        self.loader = build_loader(cfg, shape, device)
+        self.total_steps = total_steps(cfg, len(self.loader))
+        self.optimizer = build_optimizer(self.clip, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        ck = cfg.checkpoint
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ck.every_steps, ck.every_minutes, ck.keep_last)
+        self.logger = TrainLogger(cfg.log, self.run_dir, self.rank == 0, to_dict(cfg))
+        self.evaluator = self._build_evaluator()
+        self.state = TrainState()
+        self._stop_requested = False
+        self._last_saved_step = -1
+
+    # ----- construction -------------------------------------------------------------------------
+
+    def _configure_determinism(self) -> None:
+        torch.manual_seed(self.cfg.train.seed)  # the same initial weights on every rank
+        if self.cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+
+    def _build_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        m = self.cfg.model
+        clip, _, _ = alip.create_model(m.name, pretrained=m.pretrained)
+        clip.set_grad_checkpointing(m.grad_checkpointing)  # open_clip checkpoints non-reentrantly: DDP-safe
+        clip.to(self.device)
+        net: torch.nn.Module = alip.BiPathCLIP(clip)
+        if m.compile:
+            net.compile()  # in place: state-dict keys stay those of open_clip
+        if self.world_size > 1:
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return clip, net
+
+    def _build_evaluator(self) -> Any:
+        e = self.cfg.eval
+        if e.every_steps is None:
+            return None
+        from alip.eval.evaluator import Evaluator
+
+        _, _, transform = alip.create_model(self.cfg.model.name)  # the eval transform of this architecture
+        return Evaluator.from_paths(
+            every_steps=e.every_steps,
+            tokenizer=alip.get_tokenizer(self.cfg.model.name),
+            transform=transform,
+            retrieval=e.retrieval,
+            zeroshot=e.zeroshot,
+            max_samples=e.max_samples,
+            device=self.device,
+            num_workers=self.cfg.data.num_workers,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        precision = self.cfg.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+    # ----- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective (every rank must call it): gathers each rank's loader and RNG state."""
+        local = {"loader": self.loader.state_dict(), "rng": rng_state()}
+        ranks = [local]
+        if self.world_size > 1:
+            ranks = [None] * self.world_size
+            dist.all_gather_object(ranks, local)
+        return {
+            "model": self.clip.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "train_state": dataclasses.asdict(self.state),
+            "world_size": self.world_size,
+            "ranks": ranks,
+            "config": to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` stopped; each rank restores its own loader and RNG."""
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"checkpoint was written by {state['world_size']} ranks, this run has {self.world_size}: "
+                "exact resume needs the same world size (the data order and loader states are per rank)"
+            )
+        self.clip.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.state = TrainState(**state["train_state"])
+        mine = state["ranks"][self.rank]
+        self.loader.load_state_dict(mine["loader"])
+        set_rng_state(mine["rng"])
+        self._last_saved_step = self.state.step
+
+    def save(self) -> None:
+        state = self.state_dict()
+        if self.rank == 0:
+            self.checkpointer.save(state, self.state.step)
+        self._last_saved_step = self.state.step
+        if self.world_size > 1:
+            dist.barrier()  # nobody runs ahead (or exits) before the checkpoint is on disk
+
+    # ----- one step -------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> StepOutcome:
+        """Forward/backward over the whole batch, then one optimizer step, or a skip on every rank."""
+        res = forward_backward(
+            self.net, self.loss_fn, batch, self.cfg.train.accum_steps, self._autocast, self.scaler.scale
+        )
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.clip.parameters(), clip if clip is not None else math.inf)
+        applied = all_ranks_finite(res is not None and bool(torch.isfinite(grad_norm)), self.device)
+        if applied:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()  # once per applied optimizer step, never per micro-batch
+            with torch.no_grad():
+                self.clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        elif self.scaler.is_enabled():
+            self.scaler.update()  # an fp16 overflow lowers the loss scale
+        self.optimizer.zero_grad(set_to_none=True)
+        self._count_skip(applied)
+        if res is None:
+            losses = {k: math.nan for k in ("loss", "loss_raw", "loss_caption")}
+            gates = {}
+        else:
+            losses = rank_mean({k: res[k] for k in ("loss", "loss_raw", "loss_caption") if k in res}, self.device)
+            gates = {k: res[k].detach() for k in ("weight_sample", "weight_raw", "weight_caption") if k in res}
+        return StepOutcome(applied, losses, gates, float(grad_norm))
+
+    def _count_skip(self, applied: bool) -> None:
+        s = self.state
+        if applied:
+            s.consecutive_skips = 0
+            return
+        s.skipped_steps += 1
+        s.consecutive_skips += 1
+        logger.warning("step %d: non-finite loss inputs or gradients on some rank; step skipped", s.step + 1)
+        if s.consecutive_skips >= self.cfg.train.max_consecutive_skips:
+            raise TooManySkippedStepsError(
+                f"{s.consecutive_skips} consecutive steps had non-finite loss inputs or gradients (up to step "
+                f"{s.step + 1}); training has diverged. Resume from an earlier checkpoint with a lower optim.lr, "
+                "or raise train.max_consecutive_skips."
+            )
+
+    # ----- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> bool:
+        """Train to `total_steps`. Returns False when stopped early by SIGTERM (after saving)."""
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._loop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.logger.close()
+
+    def _loop(self) -> bool:
+        data = self._batches()
+        meter = _Meter(self.state.step)
+        global_batch = self.shape.per_rank_batch * self.world_size
+        while self.state.step < self.total_steps:
+            t0 = time.perf_counter()
+            batch = next(data)
+            meter.data_wait += time.perf_counter() - t0
+            outcome = self.train_step(batch)
+            self.state.step += 1
+            self.state.samples_seen += global_batch
+            step = self.state.step
+            self.logger.record_step(step, outcome.losses, outcome.applied)
+            if self.logger.should_log(step):
+                self.logger.log(step, self._metrics(outcome, meter))
+            self.logger.histograms(step, outcome.gates)
+            if self.evaluator is not None and self.evaluator.should_run(step):
+                self.logger.log_eval(step, self.evaluator.run(self.net))
+            save, stop = self._save_or_stop(step)
+            if save:
+                self.save()
+            if stop:
+                logger.info("SIGTERM: saved step %d and stopping; resume with --resume latest", step)
+                return False
+        self.finish()
+        return True
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:  # epochs; the loader knows which one it is in (and where in it, after a resume)
+            yield from self.loader
+
+    def _save_or_stop(self, step: int) -> tuple[bool, bool]:
+        """Rank 0's checkpoint verdict (time-based saves must agree) and any rank's SIGTERM, in one all-reduce."""
+        due = self.rank == 0 and self.checkpointer.should_save(step) and step < self.total_steps
+        flags = torch.tensor([float(due), float(self._stop_requested)], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        save, stop = bool(flags[0]), bool(flags[1])
+        return save or stop, stop
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._stop_requested = True  # acted on at the next step boundary, by every rank together
+
+    def finish(self) -> None:
+        """Final checkpoint and, on rank 0, the open_clip .pt and .safetensors exports."""
+        if self._last_saved_step != self.state.step:
+            self.save()
+        if self.rank == 0 and self.cfg.checkpoint.export:
+            for suffix in (".pt", ".safetensors"):
+                path = alip.export_model(self.clip, self.run_dir / f"final{suffix}")
+                logger.info("exported final weights to %s", path)
+
+    def _metrics(self, outcome: StepOutcome, meter: _Meter) -> dict[str, float]:
+        step = self.state.step
+        rate = meter.rate(step) * self.shape.per_rank_batch
+        m = {
+            "train/step": step,
+            "train/total_steps": self.total_steps,
+            "train/samples_seen": self.state.samples_seen,
+            "train/samples_per_s_per_rank": rate,
+            "train/samples_per_s": rate * self.world_size,
+            "train/data_wait_s": meter.take_wait(),
+            "train/eta_s": (self.total_steps - step) * self.shape.per_rank_batch / rate if rate > 0 else math.inf,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/logit_scale": float(self.clip.logit_scale.detach().exp()),
+            "train/grad_norm": outcome.grad_norm,
+            "train/loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+            "train/skipped_steps": self.state.skipped_steps,
+        }
+        m.update({f"train/{k}": v for k, v in outcome.losses.items()})
+        m.update({f"train/gate/{k}_mean": float(v.float().mean()) for k, v in outcome.gates.items()})
+        return m
+
+
+class _Meter:
+    """Throughput and data-wait over the window since the last log line."""
+
+    def __init__(self, step: int) -> None:
+        self._step, self._time = step, time.perf_counter()
+        self.data_wait = 0.0
+
+    def rate(self, step: int) -> float:
+        """Steps per second since the last call."""
+        now = time.perf_counter()
+        rate = (step - self._step) / max(now - self._time, 1e-9)
+        self._step, self._time = step, now
+        return rate
+
+    def take_wait(self) -> float:
+        wait, self.data_wait = self.data_wait, 0.0
+        return wait
