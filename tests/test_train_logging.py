@@ -1,0 +1,58 @@
+"""Trainer logging: TensorBoard scalars and gate histograms, wandb offline resuming the same run."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from shard_factory import write_test_shards
+
+from alip.config import load_config
+from alip.train.run import train
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_then_restore():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)  # the tiny config switches it on process-wide
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_test_shards(tmp_path_factory.mktemp("log_shards"), num_records=24, per_shard=10).meta
+
+
+def run(data, out, *extra):
+    base = [f"data.train={data}", f"output_dir={out}", "log.every_steps=2", "log.histogram_every_steps=2"]
+    return train(load_config(TINY, [*base, *extra]), resume="latest")
+
+
+def test_tensorboard_gets_namespaced_scalars_and_gate_histograms(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(data, tmp_path, "train.max_steps=4", "log.tensorboard=true")
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    for key in ("train/loss", "train/loss_raw", "train/loss_caption", "train/gate/weight_sample_mean", "train/lr"):
+        assert key in tags["scalars"], key
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    for name in ("weight_sample", "weight_raw", "weight_caption"):
+        hist = events.Histograms(f"train/gate/{name}")
+        assert [h.step for h in hist] == [2, 4] and hist[0].histogram_value.num == 8  # global batch of 8
+
+
+def test_wandb_offline_resumes_the_same_run(data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "myrun"
+    run(data, out, "train.max_steps=2", "log.tensorboard=false", "log.wandb=true", "log.wandb_mode=offline")
+    run(data, out, "train.max_steps=4", "log.tensorboard=false", "log.wandb=true", "log.wandb_mode=offline")
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith("-myrun") for r in runs)  # one wandb run id across the resume
+    assert all(list(r.glob("run-myrun.wandb")) for r in runs)
