@@ -506,6 +506,78 @@ def _image_folder(root: Path, transform: Transform | None) -> Dataset:
     return ImageFolder(str(root), transform=transform)
 
 
+def _load_torchvision(
+    name: str, root: Path, split: str, transform: Transform | None, source: dict
+) -> tuple[Dataset, list[str], list[str]]:
+    """One of CLIP's datasets in torchvision's on-disk layout, with CLIP's class names and templates."""
+    if name not in _SPLITS:
+        raise ValueError(f"unknown dataset {name!r}; torchvision-backed ones: {', '.join(_SPLITS)}")
+    if split not in _SPLITS[name]:
+        raise ValueError(f"{name} has splits {_SPLITS[name]}, not {split!r}")
+    if name == "imagenet1k":
+        folder = root / ("train" if split == "train" else "val")
+        if not folder.is_dir():
+            raise DatasetNotFoundError(f"ImageNet {split} not found: expected {TORCHVISION_LAYOUTS[name]} at {folder}")
+        dataset = _image_folder(folder, transform)
+        if len(dataset.classes) != 1000:
+            raise ValueError(f"{folder} has {len(dataset.classes)} class folders, ImageNet needs 1000 (wnids)")
+        classnames, templates = openai_imagenet()
+        source.update(classnames="open_clip.IMAGENET_CLASSNAMES")
+        return dataset, classnames, templates
+    try:
+        dataset, classnames = _torchvision(name, root, split, transform)
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted" and similar
+        raise DatasetNotFoundError(
+            f"{name} ({split}) not found under {root}: {e}. Expected layout: {TORCHVISION_LAYOUTS[name]} "
+            "(the files torchvision's download would create; nothing is downloaded here)"
+        ) from None
+    cb_names = clip_benchmark_json("en_classnames.json")
+    if name in cb_names:  # CLIP's curated names (pets, flowers, caltech101)
+        classnames = cb_names[name]
+        source.update(classnames=f"clip_benchmark en_classnames.json[{name}]")
+    else:
+        source.update(classnames=f"torchvision {name} classes (CLIP_benchmark's clean-up)")
+    templates, source["templates"] = templates_for(name)
+    return dataset, classnames, templates
+
+
+def _load_wds(
+    root: Path, split: str, transform: Transform | None, source: dict
+) -> tuple[Dataset, list[str], list[str]]:
+    """CLIP_benchmark's webdataset layout: tar shards with .cls labels, class names and templates beside."""
+    samples = _read_wds_split(root, split)
+    missing = [s["__key__"] for s in samples if "cls" not in s]
+    if missing:
+        raise ValueError(f"{root}/{split}: samples without a .cls label, e.g. {missing[:3]}")
+    dataset = ImageListDataset([s["image"] for s in samples], transform, [int(s["cls"]) for s in samples])
+    classnames: list[str] = []
+    templates: list[str] = []
+    if (root / "classnames.txt").is_file():
+        classnames, source["classnames"] = _read_lines(root / "classnames.txt"), "classnames.txt"
+    tfile = root / "zeroshot_classification_templates.txt"
+    if tfile.is_file():
+        templates, source["templates"] = _read_lines(tfile), tfile.name
+    return dataset, classnames, templates
+
+
+def _load_imagefolder(
+    root: Path, split: str, transform: Transform | None, source: dict, has_names_override: bool
+) -> tuple[Dataset, list[str], list[str]]:
+    """Class sub-folders (of `<root>/<split>` when it exists) + `classnames.txt` in sorted folder order."""
+    folder = root / split if (root / split).is_dir() else root
+    dataset = _image_folder(folder, transform)
+    names_file = root / "classnames.txt"
+    if names_file.is_file():
+        source["classnames"] = "classnames.txt"
+        return dataset, _read_lines(names_file), []
+    if not has_names_override:
+        raise DatasetNotFoundError(
+            f"{root} is an ImageFolder without class names: put classnames.txt (one name per line, in "
+            f"the sorted order of the class folders {dataset.classes[:3]}...) in {root}, or pass --classnames"
+        )
+    return dataset, [], []
+
+
 def load_classification(
     name: str,
     root: str | Path,
@@ -535,61 +607,12 @@ def load_classification(
         else:
             fmt = "imagefolder"
     source = {"format": fmt, "root": str(root)}
-    classnames: list[str] = []
-    templates: list[str] = []
     if fmt == "torchvision":
-        if name not in _SPLITS:
-            raise ValueError(f"unknown dataset {name!r}; torchvision-backed ones: {', '.join(_SPLITS)}")
-        if split not in _SPLITS[name]:
-            raise ValueError(f"{name} has splits {_SPLITS[name]}, not {split!r}")
-        if name == "imagenet1k":
-            folder = root / ("train" if split == "train" else "val")
-            if not folder.is_dir():
-                raise DatasetNotFoundError(
-                    f"ImageNet {split} not found: expected {TORCHVISION_LAYOUTS[name]} at {folder}"
-                )
-            dataset = _image_folder(folder, transform)
-            if len(dataset.classes) != 1000:
-                raise ValueError(f"{folder} has {len(dataset.classes)} class folders, ImageNet needs 1000 (wnids)")
-            classnames, templates = openai_imagenet()
-            source.update(classnames="open_clip.IMAGENET_CLASSNAMES")
-        else:
-            try:
-                dataset, classnames = _torchvision(name, root, split, transform)
-            except RuntimeError as e:  # torchvision's "Dataset not found or corrupted" and similar
-                raise DatasetNotFoundError(
-                    f"{name} ({split}) not found under {root}: {e}. Expected layout: {TORCHVISION_LAYOUTS[name]} "
-                    "(the files torchvision's download would create; nothing is downloaded here)"
-                ) from None
-            cb_names = clip_benchmark_json("en_classnames.json")
-            if name in cb_names:  # CLIP's curated names (pets, flowers, caltech101)
-                classnames = cb_names[name]
-                source.update(classnames=f"clip_benchmark en_classnames.json[{name}]")
-            else:
-                source.update(classnames=f"torchvision {name} classes (CLIP_benchmark's clean-up)")
-            templates, source["templates"] = templates_for(name)
+        dataset, classnames, templates = _load_torchvision(name, root, split, transform, source)
     elif fmt == "wds":
-        samples = _read_wds_split(root, split)
-        missing = [s["__key__"] for s in samples if "cls" not in s]
-        if missing:
-            raise ValueError(f"{root}/{split}: samples without a .cls label, e.g. {missing[:3]}")
-        dataset = ImageListDataset([s["image"] for s in samples], transform, [int(s["cls"]) for s in samples])
-        if (root / "classnames.txt").is_file():
-            classnames, source["classnames"] = _read_lines(root / "classnames.txt"), "classnames.txt"
-        tfile = root / "zeroshot_classification_templates.txt"
-        if tfile.is_file():
-            templates, source["templates"] = _read_lines(tfile), tfile.name
+        dataset, classnames, templates = _load_wds(root, split, transform, source)
     elif fmt == "imagefolder":
-        folder = root / split if (root / split).is_dir() else root
-        dataset = _image_folder(folder, transform)
-        names_file = root / "classnames.txt"
-        if names_file.is_file():
-            classnames, source["classnames"] = _read_lines(names_file), "classnames.txt"
-        elif classnames_file is None:
-            raise DatasetNotFoundError(
-                f"{root} is an ImageFolder without class names: put classnames.txt (one name per line, in "
-                f"the sorted order of the class folders {dataset.classes[:3]}...) in {root}, or pass --classnames"
-            )
+        dataset, classnames, templates = _load_imagefolder(root, split, transform, source, classnames_file is not None)
     else:
         raise ValueError(f"unknown classification format {fmt!r}; choose auto, torchvision, imagefolder or wds")
     if classnames_file is not None:
