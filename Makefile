@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 test: install
 	$(PY) -m pytest -q
 
+# The demo: generated noisy data -> shards -> CLIP / ALIP w/o gates / ALIP -> eval -> report (demo_out/report).
 demo: install
-	$(PY) scripts/smoke_train.py
+	$(PY) -m alip.demo --out demo_out
 
 lint: install
 	$(VENV)/bin/ruff check alip tests benchmarks scripts tools

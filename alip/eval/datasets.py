@@ -563,19 +563,23 @@ def _load_wds(
 def _load_imagefolder(
     root: Path, split: str, transform: Transform | None, source: dict, has_names_override: bool
 ) -> tuple[Dataset, list[str], list[str]]:
-    """Class sub-folders (of `<root>/<split>` when it exists) + `classnames.txt` in sorted folder order."""
+    """Class sub-folders (of `<root>/<split>` when it exists) + `classnames.txt` in sorted folder order,
+    and optionally `templates.txt` (one prompt per line with `{c}`) for a dataset with its own prompts."""
     folder = root / split if (root / split).is_dir() else root
     dataset = _image_folder(folder, transform)
+    templates: list[str] = []
+    if (root / "templates.txt").is_file():
+        templates, source["templates"] = _read_lines(root / "templates.txt"), "templates.txt"
     names_file = root / "classnames.txt"
     if names_file.is_file():
         source["classnames"] = "classnames.txt"
-        return dataset, _read_lines(names_file), []
+        return dataset, _read_lines(names_file), templates
     if not has_names_override:
         raise DatasetNotFoundError(
             f"{root} is an ImageFolder without class names: put classnames.txt (one name per line, in "
             f"the sorted order of the class folders {dataset.classes[:3]}...) in {root}, or pass --classnames"
         )
-    return dataset, [], []
+    return dataset, [], templates
 
 
 def load_classification(

@@ -2,6 +2,8 @@
 
 The loop asks `logger.should_log(step)`; the per-step JSONL (`losses.jsonl` in the run folder) is
 written every step because it is cheap and is what resume checks and golden files compare.
+In-training evaluations also go to `eval.jsonl` (one line per evaluation), so curves of the eval
+metrics can be plotted without TensorBoard.
 TensorBoard and wandb are imported where used: a run without them installed still trains.
 """
 
@@ -27,6 +29,7 @@ class TrainLogger:
         self.cfg = cfg
         self.is_main = is_main
         self.losses_path = run_dir / "losses.jsonl"
+        self.eval_path = run_dir / "eval.jsonl"
         self._tb = None
         self._wandb = None
         if not is_main:
@@ -56,11 +59,13 @@ class TrainLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop per-step lines a killed run wrote after its last checkpoint."""
-        if not self.is_main or not self.losses_path.exists():
+        if not self.is_main:
             return
-        lines = self.losses_path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        self.losses_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        for path in (self.losses_path, self.eval_path):
+            if path.exists():
+                lines = path.read_text(encoding="utf-8").splitlines()
+                kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def record_step(self, step: int, losses: dict[str, float], applied: bool) -> None:
         if not self.is_main:
@@ -106,6 +111,8 @@ class TrainLogger:
         if not self.is_main:
             return
         logger.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        with open(self.eval_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, step)
