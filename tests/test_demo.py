@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from alip.demo.__main__ import LABELS, QUICK, main
+from alip.demo.__main__ import LABELS, QUICK, cli, main
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,8 @@ def test_rerun_reuses_finished_stages(quick_demo):
 def test_missing_configs_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="clip.yaml"):
         main(["--quick", "--out", str(tmp_path / "x"), "--configs", str(tmp_path), "--no-progress"])
+
+
+def test_bad_input_is_one_clear_error(tmp_path, capsys):
+    assert cli(["--noise-rate", "1.5", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "alip-demo: error: noise_rate must be in [0, 1]" in capsys.readouterr().err
