@@ -294,7 +294,8 @@ def _index_records(shards: list[schema.ShardInfo]) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- truth
 
 
-def _parse_noisy(value: Any, where: str) -> bool:
+def parse_noisy(value: Any, where: str) -> bool:
+    """A truth flag or a CSV cell as a bool: true/false, 1/0, yes/no (case-insensitive)."""
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
@@ -340,7 +341,7 @@ def read_truth(path: str | Path) -> dict[str, tuple[bool, str | None]]:
         key = str(entry["key"])
         if key in truth:
             raise ValueError(f"{where}: sample key {key!r} appears twice in the truth file")
-        noisy = _parse_noisy(entry["noisy"], where)
+        noisy = parse_noisy(entry["noisy"], where)
         noise = entry.get("noise")
         noise = None if noise is None or str(noise) == "" or not noisy else str(noise)
         truth[key] = (noisy, noise)

@@ -13,6 +13,7 @@ from PIL import Image
 pytest.importorskip("matplotlib")
 
 from alip.demo.report import _auc, _moving_average, format_table, read_scores, write_report  # noqa: E402
+from alip.score import BASE_COLUMNS, TRUTH_COLUMNS  # noqa: E402
 
 RUN_NAMES = ("clip", "alip_nogates", "alip")
 SUMMARY = {
@@ -23,21 +24,7 @@ SUMMARY = {
 N_STEPS = 50
 N_CLEAN, N_NOISY = 24, 16
 KINDS = ("swap", "attribute", "hashtags", "filename", "empty")
-SCORE_HEADER = [
-    "rank",
-    "record_key",
-    "sample_key",
-    "weight_sample",
-    "weight_raw",
-    "weight_caption",
-    "s_raw_caption",
-    "s_image_raw",
-    "s_image_caption",
-    "raw_text",
-    "caption",
-    "noisy",
-    "noise",
-]
+SCORE_HEADER = [*BASE_COLUMNS, *TRUTH_COLUMNS]  # what alip score writes with --truth
 
 
 def _write_jsonl(path, rows):

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from alip.score import parse_noisy, roc_auc
+
 __all__ = ["write_report", "format_table", "read_scores", "GateScores"]
 
 DPI = 110
@@ -57,8 +59,6 @@ _RC = {
     "ytick.labelsize": 8,
     "figure.titlesize": 10.5,
 }
-_TRUE = {"true", "1", "yes", "y", "t"}
-_FALSE = {"false", "0", "no", "n", "f", ""}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,8 +68,6 @@ _FALSE = {"false", "0", "no", "n", "f", ""}
 def _auc(labels: Sequence[Any], scores: Sequence[float]) -> float:
     """`alip.score.roc_auc` with the labels first, NaN (not an error) when either class is empty:
     a report of a run without noisy pairs still draws."""
-    from alip.score import roc_auc
-
     y = np.asarray(labels).astype(bool).ravel()
     if y.all() or not y.any():
         return float("nan")
@@ -256,15 +254,6 @@ class GateScores:
         return out
 
 
-def _parse_bool(text: str, where: str) -> bool:
-    low = text.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ValueError(f"{where}: 'noisy' must be True/False (or 1/0), got {text!r}")
-
-
 def read_scores(path: str | Path) -> GateScores:
     """Read the `alip score` CSV; a missing file or missing columns raise an error naming them."""
     path = Path(path)
@@ -286,7 +275,7 @@ def read_scores(path: str | Path) -> GateScores:
                     f"{where}: weight_sample/s_raw_caption must be numbers, "
                     f"got {row['weight_sample']!r}, {row['s_raw_caption']!r}"
                 ) from None
-            is_noisy = _parse_bool(row["noisy"] or "", where)
+            is_noisy = parse_noisy(row["noisy"] or "", where)  # an empty cell: no truth, counted clean
             if not (math.isfinite(w) and math.isfinite(s)):
                 continue
             weight.append(w)
