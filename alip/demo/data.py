@@ -210,6 +210,19 @@ def clean_raw_text(scene: Scene, rng: random.Random) -> str:
     return text
 
 
+def mentioned_scene(text: str) -> Scene | None:
+    """The scene a (raw) text describes, read back by its attribute words; None when one is missing
+    (hashtags, file names, empty strings). For analysis only: which attribute a noisy text got wrong."""
+    words = text.replace(",", " ").replace("(", " ").replace(")", " ").split()
+    found = []
+    for vocab in (COLOURS, SHAPES, SIZES, BACKGROUNDS):
+        hits = [w for w in words if w in vocab]
+        if not hits:
+            return None
+        found.append(hits[0])
+    return Scene(*found)
+
+
 def wrong_attribute(scene: Scene, rng: random.Random) -> Scene:
     """The scene with exactly one attribute changed to another value."""
     field = rng.choice(("colour", "shape", "size", "background"))
