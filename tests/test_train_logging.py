@@ -1,5 +1,6 @@
-"""Trainer logging: TensorBoard scalars and gate histograms, wandb offline resuming the same run."""
+"""Trainer logging: TensorBoard scalars and gate histograms, wandb offline resuming the same run, eval.jsonl."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,22 @@ def test_wandb_offline_resumes_the_same_run(data, tmp_path, monkeypatch):
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith("-myrun") for r in runs)  # one wandb run id across the resume
     assert all(list(r.glob("run-myrun.wandb")) for r in runs)
+
+
+def test_eval_lines_go_to_eval_jsonl_and_resume_drops_the_stale_ones(tmp_path):
+    from alip.config import LogConfig
+    from alip.train.logger import TrainLogger
+
+    log = TrainLogger(LogConfig(tensorboard=False), tmp_path, is_main=True, run_config={})
+    for step in (10, 20, 30):
+        log.record_step(step, {"loss": 1.0}, True)
+        log.log_eval(step, {"eval/shapes/top1": float(step)})
+    lines = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert lines == [{"step": s, "eval/shapes/top1": float(s)} for s in (10, 20, 30)]
+    log.truncate_after(20)  # a resume from the step-20 checkpoint: the killed run's step-30 lines are stale
+    for name in ("eval.jsonl", "losses.jsonl"):
+        assert [json.loads(x)["step"] for x in (tmp_path / name).read_text().splitlines()] == [10, 20]
+    log.close()
+    other = TrainLogger(LogConfig(tensorboard=False), tmp_path / "r1", is_main=False, run_config={})
+    other.log_eval(5, {"eval/x": 1.0})  # only the main rank writes
+    assert not (tmp_path / "r1" / "eval.jsonl").exists()
