@@ -429,10 +429,10 @@ def _plot_results(path: Path, summary: Mapping[str, Mapping[str, float]], colour
     ax.set_xticks(x, metrics)
     ax.set_ylabel("value")
     if top > 0:
-        ax.set_ylim(top=top * 1.15)
+        ax.set_ylim(top=top * 1.3)  # headroom: the legend sits above the tallest bar, not on its label
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="upper center", ncol=len(runs))
     ax.set_title(f"{title}: final metrics")
     fig.tight_layout()
     return _save(fig, path)
