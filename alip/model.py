@@ -8,9 +8,10 @@ and what we export loads in open_clip and CLIP_benchmark unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +59,36 @@ def create_model(
     if pretrained is not None and not local_file and Path(pretrained).suffix in _CHECKPOINT_SUFFIXES:
         # Looks like a file, not an open_clip tag: say so instead of asking a hub for it.
         raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        model_name,
-        pretrained=None if local_file else pretrained,
-        device=device,
-        precision=precision,
-        **kwargs,
-    )
+    with contextlib.ExitStack() as stack:
+        if local_file:  # the checkpoint is loaded right below: open_clip's "initialized randomly" would mislead
+            stack.enter_context(quiet_random_init())
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=None if local_file else pretrained,
+            device=device,
+            precision=precision,
+            **kwargs,
+        )
     if local_file:
         load_checkpoint(model, pretrained)
     return model, preprocess_train, preprocess_val
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning (root logger)
+    while a model is built whose weights the caller loads right after."""
+    root, drop = logging.getLogger(), _DropRandomInitNotice()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def get_tokenizer(model_name: str = "ViT-B-32") -> Any:

@@ -22,7 +22,6 @@ similarities stand in for it (reported as "ema_source": "dataset_mean").
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
@@ -31,7 +30,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from alip.data import schema
 from alip.data.recordio import RecordIOReader
 from alip.gates import PAIR_GATES
+from alip.model import quiet_random_init
 
 logger = logging.getLogger(__name__)
 
@@ -396,23 +396,6 @@ def _truth_summary(rows: list[dict[str, Any]], truth: dict[str, tuple[bool, str 
 # ---------------------------------------------------------------- scoring
 
 
-class _DropRandomInitNotice(logging.Filter):
-    # open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger; the
-    # checkpoint's weights are loaded right after, so the notice would only mislead.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No pretrained weights loaded")
-
-
-@contextlib.contextmanager
-def _quiet_random_init() -> Iterator[None]:
-    root, drop = logging.getLogger(), _DropRandomInitNotice()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-
-
 def _pick_device(device: str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -515,7 +498,7 @@ def score_shards(
         raise ValueError(f"pair_gate must be one of {PAIR_GATES}, got {pair_gate!r}")
 
     dev = _pick_device(device)
-    with _quiet_random_init():
+    with quiet_random_init():  # the checkpoint's weights are loaded right after
         clip, _, preprocess = alip.create_model(model_name)
     fmt = alip.load_checkpoint(clip, ckpt.path)
     clip.to(dev).eval()

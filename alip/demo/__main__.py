@@ -18,6 +18,7 @@ trainings), so an interrupted demo continues where it stopped. On a GPU everythi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -115,22 +116,20 @@ def _run_training(name: str, config: Path, overrides: list[str], run_dir: Path) 
 
 
 def _evaluate(run_dir: Path, model: str, data: Any) -> dict[str, float]:
-    """The real evaluators on the run's final weights; results JSONs beside the run."""
+    """The real evaluators on the run's final weights: results JSONs beside the run, their console
+    tables and progress bars in eval.log (the demo prints its own comparison at the end)."""
     from alip.eval.__main__ import main as eval_main
 
     common = ["--model", model, "--checkpoint", str(run_dir / "final.pt"), "--workers", "0", "--log-level", "WARNING"]
-    records = {
-        "zeroshot": eval_main(
-            ["zeroshot", "--dataset", "shapes", "--data", str(data.zeroshot), "--format", "imagefolder"]
-            + common
-            + ["--output", str(run_dir / "eval_zeroshot.json")]
-        ),
-        "retrieval": eval_main(
-            ["retrieval", "--annotations", str(data.retrieval), "--images", str(data.retrieval.parent)]
-            + common
-            + ["--output", str(run_dir / "eval_retrieval.json")]
-        ),
+    tasks = {
+        "zeroshot": ["zeroshot", "--dataset", "shapes", "--data", str(data.zeroshot), "--format", "imagefolder"],
+        "retrieval": ["retrieval", "--annotations", str(data.retrieval), "--images", str(data.retrieval.parent)],
     }
+    records = {}
+    with open(run_dir / "eval.log", "w", encoding="utf-8") as log:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            for task, argv in tasks.items():
+                records[task] = eval_main(argv + common + ["--output", str(run_dir / f"eval_{task}.json")])
     return {name: float(records[task]["datasets"][0]["metrics"][key]) for name, (task, key) in METRICS.items()}
 
 
@@ -147,11 +146,47 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+def _make_data(out: Path, spec: Any, workers: int, progress: bool) -> tuple[Any, Path]:
+    """Generated dataset -> data2rec's engine (the code behind tools/data2rec.py) -> shards."""
     from alip.data.convert import ConvertOptions, convert
     from alip.data.sources import Columns
-    from alip.demo.data import DemoSpec, write_dataset
+    from alip.demo.data import write_dataset
+
+    data = write_dataset(out / "data", spec, progress=progress)
+    opts = ConvertOptions(
+        out_dir=out / "shards",
+        columns=Columns(key="key"),
+        captions=data.captions,
+        shard_records=2000,
+        seed=spec.seed,
+        workers=workers,
+        progress=progress,
+    )
+    convert([data.manifest], opts)
+    return data, out / "shards" / f"{opts.prefix}.meta.json"
+
+
+def _overrides(meta: Path, data: Any, seed: int, steps: int | None, quick: dict) -> list[str]:
+    """What the demo sets on top of each config: its paths, the seed and (optionally) the length."""
+    out = [f"data.train={meta}", f"eval.zeroshot={data.zeroshot}", f"eval.retrieval={data.retrieval}"]
+    out.append(f"train.seed={seed}")
+    if steps:
+        out.append(f"train.max_steps={steps}")
+    if quick:
+        out += [
+            f"train.batch_size={quick['batch_size']}",
+            f"eval.every_steps={quick['eval_every']}",
+            "log.every_steps=1",
+            "data.shuffle_buffer=64",
+        ]
+    return out
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from alip.config import load_config
+    from alip.demo.data import DemoSpec
     from alip.demo.report import format_table, write_report
+    from alip.files import write_json_atomic
     from alip.score import score_shards
     from alip.train.checkpoint import find_latest
 
@@ -171,59 +206,26 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    data = write_dataset(out / "data", spec, progress=not args.no_progress)
-    shards = out / "shards"
-    convert(
-        [data.manifest],
-        ConvertOptions(
-            out_dir=shards,
-            columns=Columns(key="key"),
-            captions=data.captions,
-            shard_records=2000,
-            seed=spec.seed,
-            workers=args.workers,
-            progress=not args.no_progress,
-        ),
-    )
-    meta = shards / "train.meta.json"
+    data, meta = _make_data(out, spec, args.workers, progress=not args.no_progress)
     timings["data"] = time.perf_counter() - t
 
     steps = args.steps or quick.get("steps")
-    overrides_common = [
-        f"data.train={meta}",
-        f"eval.zeroshot={data.zeroshot}",
-        f"eval.retrieval={data.retrieval}",
-        f"train.seed={spec.seed}",
-    ]
-    if steps:
-        overrides_common.append(f"train.max_steps={steps}")
-    if quick:
-        overrides_common += [
-            f"train.batch_size={quick['batch_size']}",
-            f"eval.every_steps={quick['eval_every']}",
-            "log.every_steps=1",
-            "data.shuffle_buffer=64",
-        ]
+    overrides = _overrides(meta, data, spec.seed, steps, quick)
     run_dirs, summary = {}, {}
-    model_name = None
     for name in args.runs:
         run_dir = out / "runs" / name
-        config = configs / f"{name}.yaml"
         t = time.perf_counter()
-        _run_training(name, config, [f"output_dir={run_dir}", *overrides_common], run_dir)
+        _run_training(name, configs / f"{name}.yaml", [f"output_dir={run_dir}", *overrides], run_dir)
         timings[f"train_{name}"] = time.perf_counter() - t
-        from alip.config import load_config
-
-        model_name = load_config(run_dir / "config.yaml").model.name
         t = time.perf_counter()
-        summary[LABELS[name]] = _evaluate(run_dir, model_name, data)
+        summary[LABELS[name]] = _evaluate(run_dir, load_config(run_dir / "config.yaml").model.name, data)
         timings[f"eval_{name}"] = time.perf_counter() - t
         run_dirs[LABELS[name]] = run_dir
 
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     scores_csv, score_summary = None, None
-    if "alip" in args.runs:
+    if "alip" in args.runs:  # the gates of the ALIP run, against the hidden noise flags
         t = time.perf_counter()
         checkpoint = find_latest(out / "runs" / "alip" / "checkpoints")
         result = score_shards(checkpoint, meta, truth=data.truth, progress=not args.no_progress)
@@ -233,19 +235,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     files = write_report(report_dir, run_dirs, summary, scores_csv, title=f"ALIP demo (seed {spec.seed})")
 
     timings["total"] = time.perf_counter() - start
+    gate_keys = ("auc_weight_sample", "auc_s_raw_caption", "precision_at_noisy")
     record = {
         "spec": asdict(spec),
         "steps": steps,
         "metrics": summary,
-        "gates": None
-        if score_summary is None
-        else {k: score_summary.get(k) for k in ("auc_weight_sample", "auc_s_raw_caption", "precision_at_noisy")},
+        "gates": None if score_summary is None else {k: score_summary.get(k) for k in gate_keys},
         "by_noise": None if score_summary is None else score_summary.get("by_noise"),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "machine": _machine(),
         "report": {k: str(v) for k, v in files.items()},
     }
-    (report_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(report_dir / "summary.json", record)
 
     print()
     print(format_table(summary))
