@@ -118,11 +118,19 @@ def test_exports_load_in_open_clip_unchanged(tmp_path, probe):
     assert set(load_file(tmp_path / "export.safetensors")) == set(source.state_dict())
 
 
-def test_create_model_with_a_local_checkpoint(tmp_path, probe):
+def test_create_model_with_a_local_checkpoint(tmp_path, probe, caplog):
     source = tiny(0)
     torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "alip.pt")
-    model, _, _ = alip.create_model(NAME, pretrained=str(tmp_path / "alip.pt"))
+    caplog.clear()  # tiny() built the source model without weights: its warning is true
+    with caplog.at_level("WARNING"):
+        model, _, _ = alip.create_model(NAME, pretrained=str(tmp_path / "alip.pt"))
     assert torch.equal(outputs(model.eval(), probe)[0], outputs(source, probe)[0])
+    # open_clip's "initialized randomly" would be false here: the checkpoint was loaded
+    assert not any("No pretrained weights loaded" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        alip.create_model(NAME)  # no checkpoint: the warning is true and stays
+    assert any("No pretrained weights loaded" in r.getMessage() for r in caplog.records)
     with pytest.raises(FileNotFoundError, match="pretrained checkpoint not found"):
         alip.create_model(NAME, pretrained=str(tmp_path / "missing.pt"))
 
