@@ -439,6 +439,91 @@ def _similarities(
     return keys, sims
 
 
+def _shard_texts(shards: list[schema.ShardInfo], warnings: _Warnings) -> list[dict[int, dict[str, str]] | None]:
+    """Each shard's texts sidecar by record key; None for a shard without one (warned once)."""
+    texts: list[dict[int, dict[str, str]] | None] = []
+    for shard in shards:
+        path = _texts_path(shard)
+        texts.append(_read_texts(path) if path is not None and path.is_file() else None)
+    without = [shard.rec for shard, t in zip(shards, texts, strict=True) if t is None]
+    if without:
+        warnings.add(
+            f"{len(without)} of {len(shards)} shards have no texts sidecar (data2rec writes "
+            f"<shard>.texts.jsonl beside the .rec), e.g. {without[0]}: their sample keys, raw texts and "
+            "captions are left blank"
+        )
+    return texts
+
+
+def _ranked_rows(
+    items: list[tuple[int, int]],
+    keys: np.ndarray,
+    sims: np.ndarray,
+    w: np.ndarray,
+    texts: list[dict[int, dict[str, str]] | None],
+    warnings: _Warnings,
+) -> tuple[list[dict[str, Any]], int]:
+    """One CSV row per record with its original strings, most likely noisy first; and how many
+    records found their strings."""
+    rows = []
+    missing_text = with_text = 0
+    for i, (shard_id, _) in enumerate(items):
+        entry = texts[shard_id].get(int(keys[i])) if texts[shard_id] is not None else None
+        if texts[shard_id] is not None:
+            missing_text += entry is None
+            with_text += entry is not None
+        entry = entry or {"sample_key": "", "raw_text": "", "caption": ""}
+        rows.append(
+            {
+                "rank": 0,
+                "record_key": int(keys[i]),
+                "sample_key": entry["sample_key"],
+                "weight_sample": float(w[i, 0]),
+                "weight_raw": float(w[i, 1]),
+                "weight_caption": float(w[i, 2]),
+                "s_raw_caption": float(sims[i, 0]),
+                "s_image_raw": float(sims[i, 1]),
+                "s_image_caption": float(sims[i, 2]),
+                "raw_text": entry["raw_text"],
+                "caption": entry["caption"],
+            }
+        )
+    if missing_text:
+        warnings.add(f"{missing_text} records have no entry in their shard's texts sidecar: their strings are blank")
+    rows.sort(key=lambda r: r["s_raw_caption"])  # stable: ties keep shard order
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows, with_text
+
+
+def _join_truth(
+    rows: list[dict[str, Any]],
+    truth_map: dict[str, tuple[bool, str | None]],
+    truth: str | Path,
+    *,
+    no_texts: bool,
+    warnings: _Warnings,
+) -> dict[str, Any]:
+    """The truth summary (AUCs, counts); a clear error when no record matches the truth file."""
+    report = _truth_summary(rows, truth_map)
+    if not report["truth_matched_records"]:
+        if no_texts:
+            why = "the shards have no texts sidecar, so their sample keys are unknown"
+        else:
+            example = next((r["sample_key"] for r in rows if r["sample_key"]), "")
+            why = f"the shards' sample keys look like {example!r}"
+        raise ValueError(
+            f"no record of the shards matches a key of the truth file {truth} "
+            f"({report['truth_entries']} keys, e.g. {next(iter(truth_map))!r}): {why}"
+        )
+    if report["truth_keys_not_in_shards"] or report["records_without_truth"]:
+        warnings.add(
+            f"truth join: {report['truth_keys_not_in_shards']} truth keys are not in the shards, "
+            f"{report['records_without_truth']} records have no truth entry (both left out of the AUCs)"
+        )
+    return {"truth": str(truth), **report}
+
+
 def score_shards(
     checkpoint: str | Path,
     shards: str | Path | Sequence[str | Path],
@@ -503,18 +588,7 @@ def score_shards(
     fmt = alip.load_checkpoint(clip, ckpt.path)
     clip.to(dev).eval()
 
-    # texts sidecars: one per shard, joined by record key
-    texts: list[dict[int, dict[str, str]] | None] = []
-    for shard in shard_infos:
-        path = _texts_path(shard)
-        texts.append(_read_texts(path) if path is not None and path.is_file() else None)
-    without = [shard.rec for shard, t in zip(shard_infos, texts, strict=True) if t is None]
-    if without:
-        warnings.add(
-            f"{len(without)} of {len(shard_infos)} shards have no texts sidecar (data2rec writes "
-            f"<shard>.texts.jsonl beside the .rec), e.g. {without[0]}: their sample keys, raw texts and "
-            "captions are left blank"
-        )
+    texts = _shard_texts(shard_infos, warnings)
 
     items = _index_records(shard_infos)
     if not items:
@@ -535,35 +609,7 @@ def score_shards(
     weights = alip.gate_weights(s[:, 0], s[:, 1], s[:, 2], mu["tc"], mu["it"], mu["ic"], power, pair_gate)
     w = torch.stack([weights.sample, weights.raw, weights.caption], dim=1).numpy()
 
-    rows = []
-    missing_text = with_text = 0
-    for i, (shard_id, _) in enumerate(items):
-        entry = texts[shard_id].get(int(keys[i])) if texts[shard_id] is not None else None
-        if texts[shard_id] is not None:
-            missing_text += entry is None
-            with_text += entry is not None
-        entry = entry or {"sample_key": "", "raw_text": "", "caption": ""}
-        rows.append(
-            {
-                "rank": 0,
-                "record_key": int(keys[i]),
-                "sample_key": entry["sample_key"],
-                "weight_sample": float(w[i, 0]),
-                "weight_raw": float(w[i, 1]),
-                "weight_caption": float(w[i, 2]),
-                "s_raw_caption": float(sims[i, 0]),
-                "s_image_raw": float(sims[i, 1]),
-                "s_image_caption": float(sims[i, 2]),
-                "raw_text": entry["raw_text"],
-                "caption": entry["caption"],
-            }
-        )
-    if missing_text:
-        warnings.add(f"{missing_text} records have no entry in their shard's texts sidecar: their strings are blank")
-    rows.sort(key=lambda r: r["s_raw_caption"])  # stable: ties keep shard order
-    for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
-
+    rows, with_text = _ranked_rows(items, keys, sims, w, texts, warnings)
     w_s = w[:, 0]
     summary: dict[str, Any] = {
         "records": len(rows),
@@ -587,24 +633,7 @@ def score_shards(
     }
     columns = list(BASE_COLUMNS)
     if truth_map is not None:
-        report = _truth_summary(rows, truth_map)
-        if not report["truth_matched_records"]:
-            if all(t is None for t in texts):
-                why = "the shards have no texts sidecar, so their sample keys are unknown"
-            else:
-                example = next((r["sample_key"] for r in rows if r["sample_key"]), "")
-                why = f"the shards' sample keys look like {example!r}"
-            raise ValueError(
-                f"no record of the shards matches a key of the truth file {truth} "
-                f"({report['truth_entries']} keys, e.g. {next(iter(truth_map))!r}): {why}"
-            )
-        if report["truth_keys_not_in_shards"] or report["records_without_truth"]:
-            warnings.add(
-                f"truth join: {report['truth_keys_not_in_shards']} truth keys are not in the shards, "
-                f"{report['records_without_truth']} records have no truth entry (both left out of the AUCs)"
-            )
-        summary["truth"] = str(truth)
-        summary.update(report)
+        summary.update(_join_truth(rows, truth_map, truth, no_texts=all(t is None for t in texts), warnings=warnings))
         columns += TRUTH_COLUMNS
     summary["warnings"] = list(warnings)
     summary["seconds"] = round(time.perf_counter() - started, 3)
