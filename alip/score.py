@@ -40,7 +40,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from alip.data import schema
-from alip.data.recordio import RecordIOReader
+from alip.data.loader_config import prepare_shards
+from alip.data.torch_loader import RecordDataset
 from alip.gates import PAIR_GATES
 from alip.model import quiet_random_init
 
@@ -247,48 +248,24 @@ def _read_texts(path: Path) -> dict[int, dict[str, str]]:
     return out
 
 
-class _ShardRecords(Dataset):
-    """(shard index, byte offset) -> image tensor, both token rows, record key."""
+class _Scored(Dataset):
+    """The records of a `RecordDataset` with the model's eval transform, their key and position."""
 
-    def __init__(self, shards: list[schema.ShardInfo], items: list[tuple[int, int]], preprocess: Any) -> None:
-        self.shards, self.items, self.preprocess = shards, items, preprocess
-        self._readers: dict[int, RecordIOReader] = {}
-        self._pid = os.getpid()
+    def __init__(self, records: RecordDataset, preprocess: Any) -> None:
+        self.records, self.preprocess = records, preprocess
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from PIL import Image
-
-        if os.getpid() != self._pid:  # a forked worker: never share the parent's file positions
-            self._readers, self._pid = {}, os.getpid()
-        shard_id, offset = self.items[i]
-        reader = self._readers.get(shard_id)
-        if reader is None:
-            shard = self.shards[shard_id]
-            reader = self._readers[shard_id] = RecordIOReader(shard.rec, shard.idx)
-        key, raw, cap, jpeg = schema.parse_record(reader.read_at(offset))
-        try:
-            with Image.open(io.BytesIO(jpeg)) as img:
-                image = self.preprocess(img.convert("RGB"))
-        except Exception as e:
-            raise ValueError(f"{self.shards[shard_id].rec}: record key {key}: cannot decode its image ({e})") from e
+        key, raw, cap, image = self.records.read(i)
         return {
-            "image": image,
+            "image": self.preprocess(image),
             "raw": torch.from_numpy(raw),
             "caption": torch.from_numpy(cap),
             "key": key,
             "index": i,
         }
-
-
-def _index_records(shards: list[schema.ShardInfo]) -> list[tuple[int, int]]:
-    items = []
-    for shard_id, shard in enumerate(shards):
-        with RecordIOReader(shard.rec, shard.idx) as reader:
-            items += [(shard_id, offset) for _, offset in reader.index]
-    return items
 
 
 # ---------------------------------------------------------------- truth
@@ -405,7 +382,7 @@ def _pick_device(device: str | None) -> torch.device:
 @torch.inference_mode()
 def _similarities(
     model: torch.nn.Module,
-    dataset: _ShardRecords,
+    dataset: _Scored,
     device: torch.device,
     batch_size: int,
     num_workers: int,
@@ -456,7 +433,7 @@ def _shard_texts(shards: list[schema.ShardInfo], warnings: _Warnings) -> list[di
 
 
 def _ranked_rows(
-    items: list[tuple[int, int]],
+    records: RecordDataset,
     keys: np.ndarray,
     sims: np.ndarray,
     w: np.ndarray,
@@ -467,7 +444,8 @@ def _ranked_rows(
     records found their strings."""
     rows = []
     missing_text = with_text = 0
-    for i, (shard_id, _) in enumerate(items):
+    for i in range(len(records)):
+        shard_id = records.shard_of(i)
         entry = texts[shard_id].get(int(keys[i])) if texts[shard_id] is not None else None
         if texts[shard_id] is not None:
             missing_text += entry is None
@@ -560,7 +538,9 @@ def score_shards(
     for spec in shard_spec if isinstance(shard_spec, list) else [shard_spec]:
         if not any(ch in spec for ch in "*?[") and not Path(spec).exists():
             raise FileNotFoundError(f"shards not found: {spec}")
-    shard_infos = schema.resolve_shards(shard_spec)
+    checks = prepare_shards(shard_spec)  # preflight: a broken shard fails here, naming the file and record
+    by_rec = {str(Path(info.rec)): info for info in schema.resolve_shards(shard_spec)}
+    shard_infos = [by_rec[str(c.rec_path)] for c in checks]  # the non-empty shards, in reading order
     truth_map = read_truth(truth) if truth is not None else None  # fail on a bad truth file before the model runs
 
     model_name = model or ckpt.model_name
@@ -590,11 +570,8 @@ def score_shards(
 
     texts = _shard_texts(shard_infos, warnings)
 
-    items = _index_records(shard_infos)
-    if not items:
-        raise ValueError(f"the shards {shard_spec} hold no records")
-    dataset = _ShardRecords(shard_infos, items, preprocess)
-    keys, sims = _similarities(clip, dataset, dev, batch_size, num_workers, progress)
+    records = RecordDataset(checks, None, train=False)
+    keys, sims = _similarities(clip, _Scored(records, preprocess), dev, batch_size, num_workers, progress)
     bad = ~np.isfinite(sims).all(axis=1)
     if bad.any():
         raise ValueError(
@@ -609,7 +586,7 @@ def score_shards(
     weights = alip.gate_weights(s[:, 0], s[:, 1], s[:, 2], mu["tc"], mu["it"], mu["ic"], power, pair_gate)
     w = torch.stack([weights.sample, weights.raw, weights.caption], dim=1).numpy()
 
-    rows, with_text = _ranked_rows(items, keys, sims, w, texts, warnings)
+    rows, with_text = _ranked_rows(records, keys, sims, w, texts, warnings)
     w_s = w[:, 0]
     summary: dict[str, Any] = {
         "records": len(rows),

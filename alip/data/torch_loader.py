@@ -64,9 +64,10 @@ class RecordDataset(Dataset):
     would share its file offset between workers, and their seeks would race.
     """
 
-    def __init__(self, shards: list[ShardCheck], config: LoaderConfig, train: bool) -> None:
+    def __init__(self, shards: list[ShardCheck], config: LoaderConfig | None, train: bool) -> None:
         self.shards = shards
-        self.transform = build_transform(config, train)
+        # config None: no transform; callers read decoded records with `read` (alip score does)
+        self.transform = build_transform(config, train) if config is not None else None
         # [N] shard number and byte offset of every record, from the .idx files only.
         shard_ids, offsets = [], []
         for i, shard in enumerate(shards):
@@ -90,8 +91,12 @@ class RecordDataset(Dataset):
             reader = self._readers[shard_id] = RecordIOReader(shard.rec_path, shard.idx_path)
         return reader
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
-        index, aug_seed = item
+    def shard_of(self, index: int) -> int:
+        """Position in `shards` of the shard holding record `index`."""
+        return int(self._shard_ids[index])
+
+    def read(self, index: int) -> tuple[int, np.ndarray, np.ndarray, Image.Image]:
+        """Record `index` as (key, raw-text tokens [77], caption tokens [77], RGB image)."""
         shard_id, offset = int(self._shard_ids[index]), int(self._offsets[index])
         record = self._reader(shard_id).read_at(offset, what=f"record {index}")
         key, raw, caption, jpeg = schema.parse_record(record)
@@ -100,6 +105,11 @@ class RecordDataset(Dataset):
                 image = im.convert("RGB")  # grayscale and CMYK JPEGs too
         except OSError as e:
             raise ValueError(f"{self.shards[shard_id].rec_path}: record key {key}: cannot decode image: {e}") from e
+        return key, raw, caption, image
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, aug_seed = item
+        _, raw, caption, image = self.read(index)
         if aug_seed >= 0:
             # torchvision's random transforms draw from torch's global generator. Fork it so the
             # caller's random state (the trainer's, when num_workers=0) is left untouched.
