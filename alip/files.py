@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from alip.cli import UserError
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in chunks (shards and checkpoints are gigabytes)."""
@@ -24,3 +26,71 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 1) -> Non
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+class FolderLockedError(UserError):
+    """Another live process holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive lock on an output folder, so two runs never write into one folder at once.
+
+        with FolderLock(out_dir, "data2rec"):
+            ...
+
+    `flock` on `{folder}/.alip.lock`: the kernel drops the lock when its holder exits, kill -9
+    included, so a crashed run never leaves a stale lock behind. The file records the holder's
+    PID, host and command for the refusal message. flock is per host on some network filesystems:
+    there the lock still protects against a second run on the same node.
+    """
+
+    NAME = ".alip.lock"
+
+    def __init__(self, folder: str | Path, what: str) -> None:
+        self.path = Path(folder) / self.NAME
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+        import socket
+        import sys
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
+            os.close(fd)
+            try:
+                info = json.loads(holder)
+                who = f"{info.get('what')} (PID {info.get('pid')} on host {info.get('host')}, started {info.get('started')})"
+            except (ValueError, AttributeError):
+                who = "another process"
+            raise FolderLockedError(
+                f"{self.path.parent} is in use by {who}; wait for it to finish or use another folder"
+            ) from None
+        info = {
+            "what": self.what,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "argv": sys.argv,
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
