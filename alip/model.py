@@ -19,6 +19,8 @@ import open_clip
 import torch
 from torch import nn
 
+from alip.text_trim import TrimMode, encode_texts, supports_trim
+
 logger = logging.getLogger(__name__)
 
 # Small configs of ours (tests, demo), registered with open_clip so every open_clip entry point
@@ -112,28 +114,31 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 class BiPathCLIP(nn.Module):
     """ALIP's bi-path forward over one open_clip CLIP: image, raw text and caption features.
 
-    Raw text and caption go through the shared text tower in ONE batched call ([2B, L] tokens):
-    one pass, one set of kernel launches, and under DDP one autograd graph per step. This is the
-    module to wrap in DDP, so that DDP's forward hooks see the whole step.
+    Raw text and caption go through the shared text tower; `text_trim` (see alip.text_trim)
+    decides how: "off" is one batched call at 77 tokens ([2B, 77]); "batch" cuts each source to
+    its longest text; "buckets" sorts all texts by length into groups. All three give the same
+    features and gradients. This is the module to wrap in DDP, so that DDP's forward hooks see the
+    whole step.
     """
 
-    def __init__(self, clip: nn.Module) -> None:
+    def __init__(self, clip: nn.Module, text_trim: TrimMode = "off", text_buckets: int = 4) -> None:
         super().__init__()
         self.clip = clip
+        if text_trim != "off" and not supports_trim(clip):
+            logger.warning("model.text_trim=%s needs a causal, argmax-pooled text tower; not trimming", text_trim)
+            text_trim = "off"
+        self.text_trim, self.text_buckets = text_trim, text_buckets
 
     def forward(
         self, image: torch.Tensor, text: torch.Tensor, caption: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | None]:
         image_features = self.clip.encode_image(image, normalize=True)  # [B, D]
-        tokens = text if caption is None else torch.cat([text, caption])  # [B or 2B, L]
-        text_features = self.clip.encode_text(tokens, normalize=True)
-        raw_features, caption_features = text_features, None
-        if caption is not None:
-            raw_features, caption_features = text_features.split(text.shape[0])  # [B, D] each
+        sources = [text] if caption is None else [text, caption]  # [B, L] each
+        features = encode_texts(self.clip, sources, self.text_trim, self.text_buckets)
         return {
             "image_features": image_features,
-            "raw_features": raw_features,
-            "caption_features": caption_features,
+            "raw_features": features[0],
+            "caption_features": features[1] if caption is not None else None,
             "logit_scale": self.clip.logit_scale.exp(),
         }
 
