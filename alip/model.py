@@ -128,13 +128,14 @@ class BiPathCLIP(nn.Module):
             logger.warning("model.text_trim=%s needs a causal, argmax-pooled text tower; not trimming", text_trim)
             text_trim = "off"
         self.text_trim, self.text_buckets = text_trim, text_buckets
+        self.text_calls: list[tuple[int, int]] = []  # the last forward's text tower calls (alip.flops)
 
     def forward(
         self, image: torch.Tensor, text: torch.Tensor, caption: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | None]:
         image_features = self.clip.encode_image(image, normalize=True)  # [B, D]
         sources = [text] if caption is None else [text, caption]  # [B, L] each
-        features = encode_texts(self.clip, sources, self.text_trim, self.text_buckets)
+        features, self.text_calls = encode_texts(self.clip, sources, self.text_trim, self.text_buckets)
         return {
             "image_features": image_features,
             "raw_features": features[0],

@@ -31,11 +31,12 @@ import time
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import alip
-from alip.model import quiet_random_init
 from alip.config import OptimConfig
+from alip.model import quiet_random_init
 from alip.train.optim import build_optimizer
 from alip.train.step import forward_backward
 
@@ -125,7 +126,9 @@ class Step:
 
 def measure(step: Step, data: list[dict], warmup: int) -> tuple[float, float]:
     """(seconds per step, median over the timed batches; FLOPs per sample of the first batch)."""
-    with FlopCounterMode(display=False) as counter:
+    # The math attention backend while counting: the flop counter has no formula for the fused
+    # CPU attention kernel and would miss every attention product.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         step(data[0])  # also the first warm-up step
     flops = counter.get_total_flops() / data[0]["image"].shape[0]
     for batch in data[1:warmup]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import alip
-from alip.text_trim import ROUND, encode_texts, rounded_length, supports_trim, text_lengths
+from alip.text_trim import ROUND, bucket_sizes, encode_texts, rounded_length, supports_trim, text_lengths
 
 NAME = "ALIP-Tiny"
 SOT, EOT = 49406, 49407
@@ -34,7 +34,7 @@ def features_and_grads(mode, batch, grad_checkpointing=False):
     model, _, _ = alip.create_model(NAME)
     model.set_grad_checkpointing(grad_checkpointing)
     raw, cap = batch
-    t, c = encode_texts(model, [raw, cap], mode, buckets=3)
+    (t, c), _ = encode_texts(model, [raw, cap], mode, buckets=3)
     weights = torch.linspace(-1, 1, t.numel()).view_as(t)
     loss = (t * weights).sum() + (c * weights.flip(0)).sum() + (t * c).sum()
     loss.backward()
@@ -68,11 +68,13 @@ def test_trim_actually_shortens_the_rows(batch, monkeypatch):
     model, _, _ = alip.create_model(NAME)
     raw, cap = batch
     with torch.no_grad():
-        encode_texts(model, [raw, cap], "batch")
+        _, calls = encode_texts(model, [raw, cap], "batch")
         assert seen == [77, rounded_length(int(text_lengths(cap).max()), 77)]
+        assert calls == [(12, n) for n in seen]  # what alip.flops counts is what was computed
         seen.clear()
-        encode_texts(model, [raw, cap], "buckets", buckets=3)
-    assert len(seen) == 3 and seen == sorted(seen) and seen[0] <= 24 and seen[-1] == 77
+        _, calls = encode_texts(model, [raw, cap], "buckets", buckets=3)
+    assert [n for _, n in calls] == seen and sum(c for c, _ in calls) == 24
+    assert len(seen) <= 3 and seen == sorted(seen) and seen[0] <= 24 and seen[-1] == 77
     assert all(n % ROUND == 0 or n == 77 for n in seen)
 
 
@@ -91,3 +93,16 @@ def test_bipath_modes_agree_and_unsupported_models_fall_back(batch):
     assert clip_only["caption_features"] is None
     model.text_pool_type = "last"  # e.g. a tower that pools the last position: trimming would change it
     assert alip.BiPathCLIP(model, text_trim="batch").text_trim == "off"
+
+
+def test_bucket_sizes_pick_the_cheapest_cuts():
+    # 85 short texts and 15 full ones: equal halves would compute 50 texts at 77 tokens.
+    lengths = sorted([10] * 60 + [20] * 25 + [77] * 15)
+    assert bucket_sizes(lengths, 2, 77) == [85, 15]
+    assert bucket_sizes(lengths, 3, 77) == [60, 25, 15]
+    assert bucket_sizes(lengths, 8, 77) == [60, 25, 15]  # never more runs than distinct lengths
+    assert bucket_sizes(lengths, 1, 77) == [100]
+    brute = min(  # every 2-run split, by token cost
+        range(1, 100), key=lambda c: c * rounded_length(lengths[c - 1], 77) + (100 - c) * 77
+    )
+    assert bucket_sizes(lengths, 2, 77)[0] == brute
