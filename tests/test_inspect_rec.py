@@ -49,5 +49,5 @@ def test_check_reports_counts_and_failures(tmp_path):
 def test_help_and_missing_input():
     res = run("--help")
     assert res.returncode == 0 and "--dump" in res.stdout and "--check" in res.stdout
-    res = run("/nonexistent/train-*.rec")
-    assert res.returncode == 1 and "no .rec files match" in res.stderr and "Traceback" not in res.stderr
+    res = run("/nonexistent/train-*.rec")  # a usage error (2), not a failed check (1)
+    assert res.returncode == 2 and "no .rec files match" in res.stderr and "Traceback" not in res.stderr

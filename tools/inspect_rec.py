@@ -12,23 +12,38 @@ Examples:
     python tools/inspect_rec.py data/yfcc15m/train.meta.json -n 5
     python tools/inspect_rec.py ALIP_YFCC15M.rec -n 20 --dump /tmp/peek   # {key}.jpg + {key}.txt
     python tools/inspect_rec.py "data/yfcc15m/train-*.rec" --check        # preflight every shard
+    python tools/inspect_rec.py data/yfcc15m/ --check --deep --workers 16   # read and decode everything
 
---check runs the loaders' preflight (framing, .idx against .rec, record counts against the meta
-JSON, 154-float labels) on every shard and prints one line per shard; exit status 1 if any fails.
+--check runs the loaders' start-up preflight on every shard (framing, .idx against .rec, record
+counts against the meta JSON, 154-float labels: it reads the 8-byte record headers only) and prints
+one line per shard. --check --deep adds what the start-up check leaves out because it reads every
+byte: each shard's sha256 and size against the meta JSON, every label (finite, integral token ids
+below 49408, a start and an end token in each non-empty text) and every image, fully decoded.
+Run it once after copying or converting a dataset, and whenever training reports a damaged record.
+
+Exit status: 0 when every shard passes; 1 when --check finds a damaged shard (each finding is
+printed, the check itself ran); 2 on a usage error, such as a missing file or an unreadable meta
+JSON: one "error: ..." line (the traceback with --debug or ALIP_DEBUG=1).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from alip.cli import add_debug_flag, guarded
 from alip.data import schema
+from alip.data.loader_config import deep_check_shard
 from alip.data.recordio import RecordIOError, RecordIOReader, check_shard
+
+CHECK_FAILED = 1  # a damaged shard: distinct from a usage error (alip.cli.USER_ERROR_STATUS, 2)
 
 SPECIAL_TOKENS = (0, 49406, 49407)  # padding, start of text, end of text
 
@@ -46,19 +61,42 @@ def describe_image(jpeg: bytes) -> str:
         return f"undecodable image ({e}), {len(jpeg)} bytes"
 
 
-def check(shards: list[schema.ShardInfo]) -> int:
+def _deep_lines(shard: schema.ShardInfo) -> tuple[int | None, list[str]]:
+    found = deep_check_shard(shard)
+    checked = found.shard
+    head = f"{checked.rec_path}: {checked.num_records} records, {checked.num_bytes} bytes, checksum {found.checksum}"
+    if not found.num_problems:
+        return checked.num_records, [f"ok   {head}, every label and image good"]
+    lines = [f"FAIL {head}, {found.num_problems} problem(s):", *(f"       {p}" for p in found.problems)]
+    if found.num_problems > len(found.problems):
+        lines.append(f"       ... and {found.num_problems - len(found.problems)} more")
+    return None, lines
+
+
+def check_one(shard: schema.ShardInfo, deep: bool) -> tuple[int | None, list[str]]:
+    """(its record count, or None when it is damaged; the lines to print) for one shard.
+
+    A damaged shard is a finding of the check, not an error of the command.
+    """
+    try:
+        if deep:
+            return _deep_lines(shard)
+        result = check_shard(shard.rec, shard.idx, schema.LABEL_LENGTH, shard.records)
+    except RecordIOError as e:
+        return None, [f"FAIL {e}"]
+    return result.num_records, [f"ok   {result.rec_path}: {result.num_records} records, {result.num_bytes} bytes"]
+
+
+def check(shards: list[schema.ShardInfo], deep: bool, workers: int) -> int:
+    task = functools.partial(check_one, deep=deep)
     failed, total = 0, 0
-    for shard in shards:
-        try:
-            result = check_shard(shard.rec, shard.idx, schema.LABEL_LENGTH, shard.records)
-        except RecordIOError as e:
-            failed += 1
-            print(f"FAIL {e}")
-            continue
-        total += result.num_records
-        print(f"ok   {result.rec_path}: {result.num_records} records, {result.num_bytes} bytes")
+    with ProcessPoolExecutor(workers) as pool:  # starts no process until used
+        for records, lines in pool.map(task, shards) if workers > 1 else map(task, shards):  # in shard order
+            print("\n".join(lines), flush=True)
+            failed += records is None
+            total += records or 0
     print(f"{len(shards) - failed}/{len(shards)} shards ok, {total} records in the good ones")
-    return 1 if failed else 0
+    return CHECK_FAILED if failed else 0
 
 
 def show(shards: list[schema.ShardInfo], count: int, dump: Path | None) -> None:
@@ -73,8 +111,12 @@ def show(shards: list[schema.ShardInfo], count: int, dump: Path | None) -> None:
             for key_in_idx, offset in reader.index:
                 if shown == count:
                     return
-                key, raw, caption, jpeg = schema.parse_record(reader.read_at(offset, f"record key {key_in_idx}"))
-                raw_text, caption_text = decode_tokens(tokenizer, raw), decode_tokens(tokenizer, caption)
+                key, label, jpeg = schema.split_record(reader.read_at(offset, f"record key {key_in_idx}"))
+                try:
+                    raw, caption = schema.decode_label(label)
+                    raw_text, caption_text = decode_tokens(tokenizer, raw), decode_tokens(tokenizer, caption)
+                except schema.TokenError as e:  # show the damage and go on: this is an inspection tool
+                    raw_text = caption_text = f"<damaged label: {e}>"
                 print(f"[{shown}] key {key} ({Path(shard.rec).name} @ {offset}): {describe_image(jpeg)}")
                 print(f"    raw:     {raw_text}")
                 print(f"    caption: {caption_text}")
@@ -90,19 +132,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--num", type=int, default=10, help="records to show, from the first shard on (10)")
     parser.add_argument("--dump", type=Path, help="write {key}.jpg and {key}.txt (decoded raw text + caption) here")
     parser.add_argument("--check", action="store_true", help="preflight every shard instead of printing records")
+    parser.add_argument(
+        "--deep", action="store_true", help="with --check: also checksums, every label, every image decoded"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="with --check: shards checked in parallel (1)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.num < 0:
         parser.error("--num must be >= 0")
-    try:
-        shards = schema.resolve_shards(args.shards)
-        if args.check:
-            return check(shards)
-        show(shards, args.num, args.dump)
-    except (FileNotFoundError, ValueError) as e:  # RecordIOError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    if args.deep and not args.check:
+        parser.error("--deep goes with --check")
+    shards = schema.resolve_shards(args.shards)
+    if args.check:
+        return check(shards, args.deep, args.workers)
+    show(shards, args.num, args.dump)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main)())

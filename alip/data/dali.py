@@ -14,6 +14,13 @@ rank's share is padded to ceil(N / W) samples and then to whole batches by repea
 sample, so every rank takes the same number of steps. DALI moves each rank on to the next shard
 after every epoch (no `stick_to_shard`), so over W epochs every rank sees every record.
 
+Damaged records. The start-up preflight checks the framing only. Every batch's labels are checked
+on the host (`schema.decode_label`: finite, integral token ids) before they become int64 tokens; a
+bad one raises RecordIOError naming the shard and the record, found from the source DALI reports
+for each sample. A record whose image DALI cannot decode fails inside the pipeline with a message
+that names no file: it is re-raised naming the shards this rank was reading, with the hint to run
+the deep check (`tools/inspect_rec.py --check --deep`).
+
 Resuming. `state_dict()` holds DALI's pipeline checkpoint (reader position, shuffle buffer and the
 random state of every augmentation) plus the epoch and step: a loader restored from it yields
 exactly the batches the original would have. The state is per rank: every rank must save and
@@ -36,14 +43,23 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from alip.data import schema
-from alip.data.loader_config import LoaderConfig, check_loader_state, place_loader, steps_per_epoch
-from alip.data.recordio import ShardCheck, read_idx
+from alip.data.loader_config import (
+    DEEP_CHECK_HINT,
+    LoaderConfig,
+    check_loader_state,
+    place_loader,
+    steps_per_epoch,
+)
+from alip.data.recordio import RecordIOError, ShardCheck, read_idx
 
 logger = logging.getLogger(__name__)
 
 READER_NAME = "shards"
 STATE_KIND = "alip-dali-loader"
 STATE_VERSION = 1
+# DALI operators that read or decode the shards' bytes: their failures are the data's, not ours.
+_DATA_OPERATORS = ("fn.readers.mxnet", "fn.decoders.")
+_NAMED_SHARDS = 5  # a longer list of candidate shards is cut to this many and a count
 
 
 def combined_index(shards: list[ShardCheck], out_path: Path) -> Path:
@@ -73,7 +89,11 @@ def _alip_pipeline(
     num_shards: int,
     decode_device: str,
 ):
-    """Reader -> decode (+ random crop) -> resize -> flip + normalise. Returns (image CHW float, label[154])."""
+    """Reader -> decode (+ random crop) -> resize -> flip + normalise.
+
+    Returns (image CHW float, label [154], source): `source` is each record's "<.rec path> at index
+    <byte offset>" as uint8, zero padded to the batch's longest, to name a damaged record.
+    """
     jpegs, labels = fn.readers.mxnet(
         path=paths,
         index_path=[index_path],
@@ -84,6 +104,7 @@ def _alip_pipeline(
         initial_fill=config.shuffle_buffer,
         name=READER_NAME,
     )
+    sources = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
     size = config.image_size
     if train:
         # Crop inside the decoder: only the region of interest is decoded, which is much cheaper
@@ -112,9 +133,8 @@ def _alip_pipeline(
         dtype=types.FLOAT,
         output_layout="CHW",
     )  # [3, size, size] float32
-    if decode_device == "mixed":
-        labels = labels.gpu()  # so the iterator hands every output over on the training device
-    return images, labels
+    # The labels stay on the host: they are checked there (no device sync), then copied as tokens.
+    return images, labels, sources
 
 
 class DaliLoader:
@@ -185,7 +205,7 @@ class DaliLoader:
         )
         iterator = DALIGenericIterator(
             [pipe],
-            ["image", "label"],
+            ["image", "label", "source"],
             reader_name=READER_NAME,
             last_batch_policy=LastBatchPolicy.FILL,  # full batches; the reader pads with real samples
             auto_reset=False,
@@ -211,25 +231,70 @@ class DaliLoader:
         """The rest of the current epoch (all of it unless restored mid-epoch), then epoch += 1."""
         iterator = self._live_iterator()
         while self.step < self.steps_per_epoch:
-            out = next(iterator)[0]
+            out = self._next(iterator)
             self.step += 1
-            yield self._to_batch(out["image"], out["label"])
+            yield self._to_batch(out["image"], out["label"], out["source"])
         # The iterator has handed out its whole epoch: this starts the next one without reading data.
         iterator.reset()
         self.epoch += 1
         self.step = 0
 
-    def _to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _next(self, iterator: DALIGenericIterator) -> dict[str, torch.Tensor]:
+        try:
+            return next(iterator)[0]
+        except RuntimeError as e:
+            if not any(op in str(e) for op in _DATA_OPERATORS):
+                raise
+            # DALI's message ("nvImageCodec failure: '#4'") names no file; the pipeline is dead now,
+            # so the shards this rank reads in this epoch are as close as we can get.
+            shards = self._epoch_shards()
+            named = ", ".join(str(s.rec_path) for s in shards[:_NAMED_SHARDS])
+            more = f" and {len(shards) - _NAMED_SHARDS} more" if len(shards) > _NAMED_SHARDS else ""
+            raise RecordIOError(
+                f"DALI could not read or decode a record in epoch {self.epoch}, step {self.step} of rank "
+                f"{self.rank}, from one of {named}{more}: {_dali_error(e)}; {DEEP_CHECK_HINT}"
+            ) from e
+
+    def _epoch_shards(self) -> list[ShardCheck]:
+        """The shard files holding the records this rank reads in the current epoch.
+
+        DALI splits the concatenated records into `world_size` contiguous parts, [N*p/W, N*(p+1)/W),
+        and moves each rank on by one part per epoch (no stick_to_shard).
+        """
+        part = (self.rank + self.epoch) % self.world_size
+        begin = self.num_records * part // self.world_size
+        end = self.num_records * (part + 1) // self.world_size
+        out, first = [], 0
+        for shard in self.shards:
+            if first < end and first + shard.num_records > begin:
+                out.append(shard)
+            first += shard.num_records
+        return out
+
+    def _to_batch(self, images: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor) -> dict[str, torch.Tensor]:
         # DALI reuses its output buffers for later batches, but the iterator copies into fresh
         # torch tensors, so these are safe to keep.
         if labels.shape[-1] != schema.LABEL_LENGTH:
             raise ValueError(f"record labels have {labels.shape[-1]} floats, expected {schema.LABEL_LENGTH}")
-        tokens = labels.round().to(torch.int64)  # [B, 154]; ids < 2**24 are exact in float32
+        try:
+            text, caption = schema.decode_label(labels.numpy())  # [B, 77] int64 each
+        except schema.TokenError as e:
+            raise RecordIOError(f"{self._record_at(sources[e.row])}: {e}; {DEEP_CHECK_HINT}") from None
         return {
             "image": images.to(self.device, non_blocking=True),  # [B, 3, H, W] float32
-            "text": tokens[:, : schema.CONTEXT_LENGTH].to(self.device, non_blocking=True),  # [B, 77]
-            "caption": tokens[:, schema.CONTEXT_LENGTH :].to(self.device, non_blocking=True),  # [B, 77]
+            "text": torch.from_numpy(text).to(self.device, non_blocking=True),  # [B, 77]
+            "caption": torch.from_numpy(caption).to(self.device, non_blocking=True),  # [B, 77]
         }
+
+    def _record_at(self, source: torch.Tensor) -> str:
+        """The record named from DALI's source info ("<.rec path> at index <byte offset>"): path, key, byte."""
+        text = bytes(source.numpy()).rstrip(b"\0").decode("utf-8", "replace")
+        path, sep, offset = text.rpartition(" at index ")
+        shard = next((s for s in self.shards if str(s.rec_path) == path), None)
+        if not sep or shard is None or not offset.isdigit():
+            return text
+        key = next((k for k, o in read_idx(shard.idx_path) if o == int(offset)), "?")
+        return f"{path}: record key {key} at byte {offset}"
 
     def state_dict(self) -> dict[str, Any]:
         """Plain str/int state (safe for `torch.load(weights_only=True)`) of this rank's loader."""
@@ -270,3 +335,10 @@ class DaliLoader:
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
+
+
+def _dali_error(error: RuntimeError) -> str:
+    """The line of DALI's message that says what went wrong (it follows "encountered:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    after = lines[lines.index("encountered:") + 1 :] if "encountered:" in lines else lines
+    return next((line for line in after if "pipeline" not in line.lower()), lines[-1] if lines else "")

@@ -26,6 +26,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from alip.cli import UserError
+
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _IR_FORMAT = "<IfQQ"  # == mxnet's native "IfQQ" on little-endian hosts: 24 bytes, no padding
@@ -33,8 +35,11 @@ IR_SIZE = struct.calcsize(_IR_FORMAT)
 _MAX_LENGTH = (1 << 29) - 1
 
 
-class RecordIOError(ValueError):
-    """A malformed shard. The message names the file and the record (key and byte offset)."""
+class RecordIOError(UserError, ValueError):
+    """A malformed shard. The message names the file and the record (key and byte offset).
+
+    A user error (alip.cli): the shard is bad, not the code that reads it.
+    """
 
 
 @dataclass(frozen=True)

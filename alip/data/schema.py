@@ -24,6 +24,9 @@ from alip.files import write_json_atomic
 
 CONTEXT_LENGTH = 77
 LABEL_LENGTH = 2 * CONTEXT_LENGTH
+VOCAB_SIZE = 49408  # CLIP BPE: token ids 0..49407
+START_OF_TEXT, END_OF_TEXT = 49406, 49407
+SLOTS = ("raw text", "caption")  # the two 77-token halves of a label, in order
 META_FORMAT = "alip-recordio"
 META_VERSION = 1
 LAYOUT = {
@@ -55,11 +58,66 @@ def encode_label(raw_tokens: np.ndarray, caption_tokens: np.ndarray) -> np.ndarr
     return np.concatenate([raw, cap]).astype(np.float32)
 
 
+class TokenError(ValueError):
+    """Label values that are not CLIP token ids; `row` is the first bad label of a batch (0 for one label)."""
+
+    def __init__(self, message: str, row: int) -> None:
+        super().__init__(message)
+        self.row = row
+
+
+def _position(column: int) -> str:
+    slot, position = divmod(column, CONTEXT_LENGTH)
+    return f"{SLOTS[slot]} token {position}"
+
+
+def token_fault(labels: np.ndarray) -> tuple[int, str] | None:
+    """The first label of float labels [..., 154] holding a value that is not a token id, as (row, what).
+
+    A token id is finite, integral and in 0..VOCAB_SIZE-1. A flipped bit in a float32 turns an id
+    into -1003.0 or NaN, which the int64 cast would hand on as -1003 or INT64_MIN: so this looks at
+    the floats. The common case costs a min, a max and one comparison with the rounded values.
+    """
+    labels = np.asarray(labels)
+    # NaN fails both comparisons, so it takes the slow path too.
+    if labels.min() >= 0 and labels.max() < VOCAB_SIZE and np.array_equal(labels, np.rint(labels)):
+        return None
+    rows = labels.reshape(-1, labels.shape[-1])
+    valid = (rows >= 0) & (rows < VOCAB_SIZE) & (rows == np.rint(rows))
+    row, column = (int(i) for i in np.argwhere(~valid)[0])
+    value = rows[row, column]
+    return row, f"{_position(column)} is {float(value)}, not a token id (an integer in 0..{VOCAB_SIZE - 1})"
+
+
+def label_faults(label: np.ndarray) -> list[str]:
+    """Everything wrong with one float label [154] (the deep check): non-token values, and a non-empty
+    half that does not open with the start token or has no end token (open_clip's tokenizer writes
+    both, keeping the end token when it truncates)."""
+    fault = token_fault(label)
+    if fault is not None:
+        return [fault[1]]
+    faults = []
+    for slot, tokens in zip(SLOTS, np.asarray(label).reshape(2, CONTEXT_LENGTH), strict=True):
+        if not tokens.any():
+            continue  # an empty text: all padding
+        if tokens[0] != START_OF_TEXT:
+            faults.append(f"{slot} starts with token {int(tokens[0])}, not the start token {START_OF_TEXT}")
+        if not (tokens == END_OF_TEXT).any():
+            faults.append(f"{slot} has no end token {END_OF_TEXT}")
+    return faults
+
+
 def decode_label(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32[..., 154] label -> (raw tokens, caption tokens) as int64 [..., 77] each."""
+    """float32[..., 154] label -> (raw tokens, caption tokens) as int64 [..., 77] each.
+
+    Raises TokenError (naming the row and the token) when a value is not a token id.
+    """
     label = np.asarray(label)
     if label.shape[-1] != LABEL_LENGTH:
         raise ValueError(f"label has {label.shape[-1]} values, expected {LABEL_LENGTH} (77 raw + 77 caption tokens)")
+    fault = token_fault(label)
+    if fault is not None:
+        raise TokenError(fault[1], fault[0])
     tokens = np.rint(label).astype(np.int64)
     return tokens[..., :CONTEXT_LENGTH], tokens[..., CONTEXT_LENGTH:]
 
@@ -68,13 +126,25 @@ def make_record(key: int, jpeg: bytes, raw_tokens: np.ndarray, caption_tokens: n
     return pack(IRHeader(LABEL_LENGTH, encode_label(raw_tokens, caption_tokens), key, 0), jpeg)
 
 
-def parse_record(record: bytes) -> tuple[int, np.ndarray, np.ndarray, bytes]:
-    """Record bytes -> (key, raw tokens [77], caption tokens [77], JPEG bytes)."""
+def split_record(record: bytes) -> tuple[int, np.ndarray, bytes]:
+    """Record bytes -> (key, float32 label [154], image bytes), the label unchecked (see `label_faults`)."""
     header, payload = unpack(record)
     if header.flag != LABEL_LENGTH:
-        raise RecordIOError(f"record {header.id}: label has {header.flag} floats, expected {LABEL_LENGTH}")
-    raw, cap = decode_label(header.label)
-    return header.id, raw, cap, payload
+        raise RecordIOError(f"record key {header.id}: label has {header.flag} floats, expected {LABEL_LENGTH}")
+    return header.id, header.label, payload
+
+
+def parse_record(record: bytes) -> tuple[int, np.ndarray, np.ndarray, bytes]:
+    """Record bytes -> (key, raw tokens [77], caption tokens [77], JPEG bytes).
+
+    Raises RecordIOError naming the record key when the label holds a value that is not a token id.
+    """
+    key, label, payload = split_record(record)
+    try:
+        raw, cap = decode_label(label)
+    except TokenError as e:
+        raise RecordIOError(f"record key {key}: {e}") from None
+    return key, raw, cap, payload
 
 
 @dataclass
@@ -116,13 +186,18 @@ def read_meta(path: str | Path) -> DatasetMeta:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read shard meta {path}: {e}") from e
-    if d.get("format") != META_FORMAT:
-        raise ValueError(f"{path} is not an ALIP shard meta file (format={d.get('format')!r})")
+        raise RecordIOError(f"cannot read shard meta {path}: {e}") from e
+    if not isinstance(d, dict) or d.get("format") != META_FORMAT:
+        found = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise RecordIOError(f"{path} is not an ALIP shard meta file (format={found!r})")
     if d.get("version", 0) > META_VERSION:
-        raise ValueError(f"{path} has meta version {d['version']}; this code reads up to {META_VERSION}")
+        raise RecordIOError(f"{path} has meta version {d['version']}; this code reads up to {META_VERSION}")
+    try:
+        shards = [ShardInfo(**s) for s in d["shards"]]
+    except (KeyError, TypeError) as e:  # a hand-edited file: no "shards", or unknown fields in one
+        raise RecordIOError(f"{path}: the shard list is not valid ({type(e).__name__}: {e})") from None
     return DatasetMeta(
-        shards=[ShardInfo(**s) for s in d["shards"]],
+        shards=shards,
         tokenizer=d.get("tokenizer", {}),
         source=d.get("source", {}),
         layout=d.get("layout", dict(LAYOUT)),
@@ -155,7 +230,7 @@ def resolve_shards(spec: str | Path | list[str | Path]) -> list[ShardInfo]:
             texts = str(base / s.texts) if s.texts else None
             shards.append(ShardInfo(str(base / s.rec), str(base / s.idx), s.records, s.bytes, s.sha256, texts))
         if not shards:
-            raise ValueError(f"{path} lists no shards")
+            raise RecordIOError(f"{path} lists no shards")
         return shards
     recs = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
     if not recs:
@@ -164,7 +239,7 @@ def resolve_shards(spec: str | Path | list[str | Path]) -> list[ShardInfo]:
     for rec in recs:
         rec_path = Path(rec)
         if rec_path.suffix != ".rec":
-            raise ValueError(f"expected .rec files, got {rec}")
+            raise RecordIOError(f"expected .rec files, got {rec}")
         idx_path = rec_path.with_suffix(".idx")
         for p in (rec_path, idx_path):
             if not p.is_file():

@@ -17,10 +17,10 @@ same samples and the same augmentations.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,15 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from alip.data import schema
-from alip.data.loader_config import LoaderConfig, check_loader_state, place_loader, steps_per_epoch
-from alip.data.recordio import RecordIOReader, ShardCheck, read_idx
+from alip.data.images import BadImage, open_image
+from alip.data.loader_config import (
+    DEEP_CHECK_HINT,
+    LoaderConfig,
+    check_loader_state,
+    place_loader,
+    steps_per_epoch,
+)
+from alip.data.recordio import RecordIOError, RecordIOReader, ShardCheck, read_idx
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +103,21 @@ class RecordDataset(Dataset):
         return int(self._shard_ids[index])
 
     def read(self, index: int) -> tuple[int, np.ndarray, np.ndarray, Image.Image]:
-        """Record `index` as (key, raw-text tokens [77], caption tokens [77], RGB image)."""
+        """Record `index` as (key, raw-text tokens [77], caption tokens [77], RGB image).
+
+        A record the preflight cannot see is damaged (a label value that is not a token id, an
+        image that does not decode) raises RecordIOError naming the shard and the record key.
+        """
         shard_id, offset = int(self._shard_ids[index]), int(self._offsets[index])
+        rec_path = self.shards[shard_id].rec_path
         record = self._reader(shard_id).read_at(offset, what=f"record {index}")
-        key, raw, caption, jpeg = schema.parse_record(record)
         try:
-            with Image.open(io.BytesIO(jpeg)) as im:
-                image = im.convert("RGB")  # grayscale and CMYK JPEGs too
-        except OSError as e:
-            raise ValueError(f"{self.shards[shard_id].rec_path}: record key {key}: cannot decode image: {e}") from e
+            key, raw, caption, jpeg = schema.parse_record(record)
+            image = open_image(jpeg).convert("RGB")  # grayscale and CMYK JPEGs too
+        except RecordIOError as e:
+            raise RecordIOError(f"{rec_path}: {e}; {DEEP_CHECK_HINT}") from None
+        except BadImage as e:
+            raise RecordIOError(f"{rec_path}: record key {key}: {e}; {DEEP_CHECK_HINT}") from None
         return key, raw, caption, image
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -128,6 +141,23 @@ class RecordDataset(Dataset):
         for reader in self._readers.values():
             reader.close()
         self._readers = {}
+
+
+@contextmanager
+def worker_errors() -> Iterator[None]:
+    """Give a shard error raised in a DataLoader worker back its own one-line message.
+
+    DataLoader re-raises a worker's exception as `type(message)`, with the worker's traceback
+    inside the message; a user error must stay one clear line (`--debug` shows the chain).
+    """
+    try:
+        yield
+    except RecordIOError as e:
+        text = str(e)
+        if "\nOriginal Traceback" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]
+        raise RecordIOError(last.partition(": ")[2] or last) from e
 
 
 class EpochSampler(Sampler):
@@ -241,9 +271,10 @@ class TorchLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """The rest of the current epoch (all of it unless restored mid-epoch), then epoch += 1."""
         self.sampler.set_position(self.epoch, self.step)
-        for batch in self._loader:
-            self.step += 1
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with worker_errors():
+            for batch in self._loader:
+                self.step += 1
+                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.epoch += 1
         self.step = 0
 
