@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from alip.cli import UserError
 
-class ConfigError(ValueError):
-    """A config that cannot run: unknown key, wrong type, impossible combination."""
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot run: unknown key, wrong type, value out of range, impossible combination."""
 
 
 @dataclass
@@ -245,38 +249,112 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported config type {hint}")  # a schema bug, not a user error
 
 
-def validate(cfg: Config, world_size: int | None = None) -> RunShape | None:
-    """Refuse impossible combinations; with `world_size`, also check the batch splits across ranks."""
+@dataclass(frozen=True)
+class Range:
+    """The finite values from `low` to `high` (None: unbounded); `*_open` excludes that end."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        above = self.low is None or v > self.low or (v == self.low and not self.low_open)
+        below = self.high is None or v < self.high or (v == self.high and not self.high_open)
+        return math.isfinite(v) and above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+PROBABILITY = Range(0, 1)
+BELOW_1 = Range(0, 1, high_open=True)  # betas, EMA momentum, warm-up fraction: 1 would freeze or never end
+
+# The valid values of every numeric option (every element, for pairs). None, where a field allows it,
+# means "off" and is not checked. tests/test_adversarial_train.py walks the schema against this table.
+RANGES: dict[str, Range] = {
+    "data.image_size": AT_LEAST_1,
+    "data.random_area": Range(0, 1, low_open=True),  # a fraction of the image area
+    "data.random_aspect_ratio": POSITIVE,
+    "data.flip_prob": PROBABILITY,
+    "data.shuffle_buffer": AT_LEAST_1,
+    "data.num_threads": AT_LEAST_1,
+    "data.num_workers": NON_NEGATIVE,  # 0: decode in the training process
+    "loss.momentum": BELOW_1,
+    "loss.power": POSITIVE,
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.betas": BELOW_1,
+    "optim.eps": POSITIVE,
+    "optim.grad_clip": POSITIVE,  # a negative norm would flip the gradient: training by ascent
+    "schedule.warmup": BELOW_1,
+    "schedule.cycle_beta1": BELOW_1,
+    "schedule.div_factor": POSITIVE,
+    "schedule.final_div_factor": POSITIVE,
+    "schedule.final_lr_fraction": PROBABILITY,
+    "train.batch_size": AT_LEAST_1,
+    "train.accum_steps": AT_LEAST_1,
+    "train.epochs": POSITIVE,
+    "train.max_steps": AT_LEAST_1,
+    "train.seed": NON_NEGATIVE,  # the loaders derive their generators from it; numpy wants >= 0
+    "train.max_consecutive_skips": AT_LEAST_1,
+    "checkpoint.every_steps": AT_LEAST_1,
+    "checkpoint.every_minutes": POSITIVE,
+    "checkpoint.keep_last": AT_LEAST_1,
+    "log.every_steps": AT_LEAST_1,
+    "log.histogram_every_steps": AT_LEAST_1,
+    "eval.every_steps": AT_LEAST_1,
+    "eval.max_samples": AT_LEAST_1,
+}
+# (low, high) pairs: a range the augmentation or the momentum cycle samples within.
+ORDERED_PAIRS = ("data.random_area", "data.random_aspect_ratio", "schedule.cycle_beta1")
+
+
+def leaves(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every option of a config, sections flattened."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def _range_problems(cfg: Config) -> list[str]:
     problems = []
-    t, o, s, loss = cfg.train, cfg.optim, cfg.schedule, cfg.loss
-    positive = {
-        "train.batch_size": t.batch_size,
-        "train.accum_steps": t.accum_steps,
-        "data.image_size": cfg.data.image_size,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "log.every_steps": cfg.log.every_steps,
-    }
-    problems += [f"{k} must be >= 1, got {v}" for k, v in positive.items() if v < 1]
-    if t.max_steps is None and t.epochs <= 0:
-        problems.append(f"train.epochs must be > 0 (or set train.max_steps), got {t.epochs}")
-    if t.max_steps is not None and t.max_steps < 1:
-        problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
-    if o.lr <= 0 or o.weight_decay < 0:
-        problems.append(f"optim.lr must be > 0 and optim.weight_decay >= 0, got {o.lr} and {o.weight_decay}")
-    if not all(0 <= b < 1 for b in o.betas):
-        problems.append(f"optim.betas must be in [0, 1), got {o.betas}")
-    if not 0 <= s.warmup < 1:
-        problems.append(f"schedule.warmup is a fraction of the run and must be in [0, 1), got {s.warmup}")
+    values = dict(leaves(cfg))
+    for key, valid in RANGES.items():
+        value = values[key]
+        if value is not None and not all(v in valid for v in (value if isinstance(value, tuple) else (value,))):
+            each = " (each)" if isinstance(value, tuple) else ""
+            problems.append(f"{key} must be {valid}{each}, got {list(value) if each else value}")
+    for key in ORDERED_PAIRS:
+        low, high = values[key]
+        if low > high:
+            problems.append(f"{key} must be (low, high) with low <= high, got {[low, high]}")
+    return problems
+
+
+def validate(cfg: Config, world_size: int | None = None) -> RunShape | None:
+    """Refuse out-of-range values and impossible combinations; with `world_size`, also check the batch
+    splits across ranks. All problems are reported at once, on one line."""
+    t, loss = cfg.train, cfg.loss
+    problems = _range_problems(cfg)
     if loss.use_gates and not loss.use_caption:
         problems.append("loss.use_gates=true needs loss.use_caption=true: the gates compare raw text with the caption")
-    if not 0 <= loss.momentum < 1:
-        problems.append(f"loss.momentum must be in [0, 1), got {loss.momentum}")
     if cfg.eval.every_steps is not None and not (cfg.eval.retrieval or cfg.eval.zeroshot):
         problems.append("eval.every_steps is set but neither eval.retrieval nor eval.zeroshot names a dataset")
     if not cfg.data.train:
         problems.append("data.train must name the training shards (meta JSON, folder, .rec glob or .rec)")
+    if not cfg.output_dir:
+        problems.append("output_dir must name the run folder")
     shape = None
-    if world_size is not None:
+    if world_size is not None and not problems:  # sizes are >= 1 from here on
         per_step = world_size * t.accum_steps
         if t.batch_size % per_step:
             problems.append(
@@ -287,7 +365,7 @@ def validate(cfg: Config, world_size: int | None = None) -> RunShape | None:
             per_rank = t.batch_size // world_size
             shape = RunShape(world_size, per_rank, per_rank // t.accum_steps)
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid config: " + "; ".join(problems))
     return shape
 
 
