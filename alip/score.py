@@ -39,9 +39,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from alip.cli import UserError, add_debug_flag, guarded
 from alip.data import schema
 from alip.data.loader_config import prepare_shards
-from alip.data.torch_loader import RecordDataset
+from alip.data.torch_loader import RecordDataset, worker_errors
 from alip.gates import PAIR_GATES
 from alip.model import quiet_random_init
 
@@ -64,6 +65,10 @@ TRUTH_COLUMNS = ("noisy", "noise")
 RANKING = "ascending s_raw_caption (most likely noisy first; ties keep shard order)"
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f", ""}
+
+
+class ScoreInputError(UserError, ValueError):
+    """A problem with what alip-score was given (a truth or texts file, an option); the message says which."""
 
 
 # ---------------------------------------------------------------- metrics (pure)
@@ -239,7 +244,7 @@ def _read_texts(path: Path) -> dict[int, dict[str, str]]:
                 entry = json.loads(line)
                 key = int(entry["key"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: not a texts sidecar entry ({e})") from None
+                raise ScoreInputError(f"{path}:{lineno}: not a texts sidecar entry ({e})") from None
             out[key] = {
                 "sample_key": "" if entry.get("sample_key") is None else str(entry["sample_key"]),
                 "raw_text": entry.get("raw_text") or "",
@@ -279,7 +284,7 @@ def parse_noisy(value: Any, where: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise ValueError(f"{where}: 'noisy' must be a boolean (true/false/1/0), got {value!r}")
+    raise ScoreInputError(f"{where}: 'noisy' must be a boolean (true/false/1/0), got {value!r}")
 
 
 def read_truth(path: str | Path) -> dict[str, tuple[bool, str | None]]:
@@ -300,7 +305,7 @@ def read_truth(path: str | Path) -> dict[str, tuple[bool, str | None]]:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         missing = {"key", "noisy"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}: a truth CSV needs columns key,noisy[,noise]; missing {sorted(missing)}")
+            raise ScoreInputError(f"{path}: a truth CSV needs columns key,noisy[,noise]; missing {sorted(missing)}")
         entries = [(f"{path}:{i}", row) for i, row in enumerate(reader, 2)]
     else:
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -309,21 +314,23 @@ def read_truth(path: str | Path) -> dict[str, tuple[bool, str | None]]:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
+                raise ScoreInputError(f"{path}:{lineno}: not JSON ({e})") from None
             if not isinstance(entry, Mapping) or "key" not in entry or "noisy" not in entry:
-                raise ValueError(f"{path}:{lineno}: truth lines need 'key' and 'noisy', got {line.strip()[:200]!r}")
+                raise ScoreInputError(
+                    f"{path}:{lineno}: truth lines need 'key' and 'noisy', got {line.strip()[:200]!r}"
+                )
             entries.append((f"{path}:{lineno}", entry))
     truth: dict[str, tuple[bool, str | None]] = {}
     for where, entry in entries:
         key = str(entry["key"])
         if key in truth:
-            raise ValueError(f"{where}: sample key {key!r} appears twice in the truth file")
+            raise ScoreInputError(f"{where}: sample key {key!r} appears twice in the truth file")
         noisy = parse_noisy(entry["noisy"], where)
         noise = entry.get("noise")
         noise = None if noise is None or str(noise) == "" or not noisy else str(noise)
         truth[key] = (noisy, noise)
     if not truth:
-        raise ValueError(f"{path}: the truth file has no entries")
+        raise ScoreInputError(f"{path}: the truth file has no entries")
     return truth
 
 
@@ -401,7 +408,7 @@ def _similarities(
     n = len(dataset)
     keys = np.zeros(n, dtype=np.int64)
     sims = np.full((n, 3), np.nan, dtype=np.float64)
-    with tqdm(total=n, unit="rec", desc="alip-score", disable=not progress) as bar:
+    with tqdm(total=n, unit="rec", desc="alip-score", disable=not progress) as bar, worker_errors():
         for batch in loader:
             b = batch["image"].shape[0]
             image = batch["image"].to(device, non_blocking=True)
@@ -490,7 +497,7 @@ def _join_truth(
         else:
             example = next((r["sample_key"] for r in rows if r["sample_key"]), "")
             why = f"the shards' sample keys look like {example!r}"
-        raise ValueError(
+        raise ScoreInputError(
             f"no record of the shards matches a key of the truth file {truth} "
             f"({report['truth_entries']} keys, e.g. {next(iter(truth_map))!r}): {why}"
         )
@@ -531,7 +538,7 @@ def score_shards(
 
     started = time.perf_counter()
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ScoreInputError(f"batch_size must be >= 1, got {batch_size}")
     warnings = _Warnings()
     ckpt = _read_checkpoint(Path(checkpoint), warnings)
     shard_spec = [str(s) for s in shards] if isinstance(shards, (list, tuple)) else str(shards)
@@ -545,7 +552,7 @@ def score_shards(
 
     model_name = model or ckpt.model_name
     if model_name is None:
-        raise ValueError(
+        raise ScoreInputError(
             f"{ckpt.path} is a weights file without a training config, so the architecture is unknown: "
             "pass --model NAME (the open_clip model name, e.g. ViT-B-32 or ALIP-Tiny)"
         )
@@ -558,9 +565,9 @@ def score_shards(
     power = float(power if power is not None else ckpt.power if ckpt.power is not None else 2.0)
     pair_gate = pair_gate or ckpt.pair_gate or "official"
     if not power > 0.0:
-        raise ValueError(f"power must be > 0, got {power}")
+        raise ScoreInputError(f"power must be > 0, got {power}")
     if pair_gate not in PAIR_GATES:
-        raise ValueError(f"pair_gate must be one of {PAIR_GATES}, got {pair_gate!r}")
+        raise ScoreInputError(f"pair_gate must be one of {PAIR_GATES}, got {pair_gate!r}")
 
     dev = _pick_device(device)
     with quiet_random_init():  # the checkpoint's weights are loaded right after
@@ -574,7 +581,7 @@ def score_shards(
     keys, sims = _similarities(clip, _Scored(records, preprocess), dev, batch_size, num_workers, progress)
     bad = ~np.isfinite(sims).all(axis=1)
     if bad.any():
-        raise ValueError(
+        raise ScoreInputError(
             f"the model gave non-finite features for {int(bad.sum())} of {len(sims)} records "
             f"(e.g. record key {int(keys[bad][0])}): is the checkpoint broken?"
         )
@@ -713,44 +720,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=10, help="print this many top-ranked pairs (default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="INFO")
+    add_debug_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line; returns the summary. User errors exit with status 2 and a one-line message."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Command line; returns the summary. User errors raise (`cli` turns them into one line)."""
+    args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from alip.model import CheckpointError
-
-    try:
-        result = score_shards(
-            args.checkpoint,
-            args.shards if len(args.shards) > 1 else args.shards[0],
-            model=args.model,
-            truth=args.truth,
-            device=args.device,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-            num_workers=args.workers,
-            power=args.power,
-            pair_gate=args.pair_gate,
-        )
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
-        parser.exit(2, f"alip-score: error: {e}\n")
+    result = score_shards(
+        args.checkpoint,
+        args.shards if len(args.shards) > 1 else args.shards[0],
+        model=args.model,
+        truth=args.truth,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        num_workers=args.workers,
+        power=args.power,
+        pair_gate=args.pair_gate,
+    )
     csv_path, summary_path = result.write(args.out, args.summary)
     print(format_summary(result, show=args.show))
     print(f"wrote {csv_path} and {summary_path}")
     return result.summary
 
 
-def cli() -> int:
-    """Console-script entry point: like `main`, but returns an exit status instead of the summary."""
-    main()
+@guarded
+def cli(argv: list[str] | None = None) -> int:
+    """Console-script entry point (`alip-score`): a user error is one `error: ...` line and exit status 2."""
+    main(argv)
     return 0
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(cli())

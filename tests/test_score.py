@@ -21,7 +21,7 @@ from alip.data import schema
 from alip.data.convert import ConvertOptions, convert
 from alip.data.recordio import RecordIOReader
 from alip.data.sources import Columns
-from alip.score import BASE_COLUMNS, main, read_truth, roc_auc, score_shards
+from alip.score import BASE_COLUMNS, cli, main, read_truth, roc_auc, score_shards
 
 NUM_RECORDS = 16
 # sample index -> (planted raw text, noise kind)
@@ -360,9 +360,7 @@ def test_missing_inputs_name_the_path(data, ckpts, tmp_path):
 def test_weights_file_without_model_is_a_clear_error(data, ckpts, capsys):
     with pytest.raises(ValueError, match="pass --model"):
         score_shards(ckpts["safetensors"], data["meta"], progress=False)
-    with pytest.raises(SystemExit) as exc:
-        main(["--checkpoint", str(ckpts["pt"]), "--shards", str(data["meta"]), "--no-progress"])
-    assert exc.value.code == 2
+    assert cli(["--checkpoint", str(ckpts["pt"]), "--shards", str(data["meta"]), "--no-progress"]) == 2
     assert "--model" in capsys.readouterr().err
 
 
