@@ -4,6 +4,10 @@ Every run writes one results JSON (model, checkpoint sha256, datasets with split
 counts, templates hash, precision, package versions, every metric) and prints a table.
 Under torchrun the images and prompts are sharded over the ranks and gathered exactly; rank 0
 writes the results.
+
+Every dataset of a run is loaded and checked before the first feature is extracted. A user error
+(a missing dataset, class names that do not fit it, an empty template file, a bad checkpoint) is
+one `error: ...` line and exit status 2; `--debug` or ALIP_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,8 +21,15 @@ from typing import Any
 
 import torch
 
+from alip.cli import add_debug_flag, guarded
 from alip.distributed import init_distributed
-from alip.eval.datasets import TORCHVISION_LAYOUTS, ClassificationData, load_classification, load_retrieval
+from alip.eval.datasets import (
+    TORCHVISION_LAYOUTS,
+    ClassificationData,
+    RetrievalData,
+    load_classification,
+    load_retrieval,
+)
 from alip.eval.features import FEATURE_STAGES, PRECISIONS, cached, extract_features, image_encoder
 from alip.eval.linear_probe import DEFAULT_C_GRID, linear_probe, probe_summary
 from alip.eval.metrics import paper_metric
@@ -34,9 +45,12 @@ where the data goes (nothing is downloaded; a missing dataset says what it expec
   retrieval   --annotations dataset_coco.json --images <coco>/   (Karpathy JSON; images at <coco>/val2014/*.jpg)
               --annotations dataset_flickr30k.json --images <flickr30k-images>/
               also CLIP_benchmark's coco_test_karpathy.json / flickr30k_test_karpathy.txt, a CSV/JSONL with
-              image,caption columns (several rows per image), or a CLIP_benchmark webdataset folder
+              image,caption columns (several rows per image), or a CLIP_benchmark webdataset folder.
+              An image listed without captions cannot be an image-to-text query: it is left out of both
+              directions, with a warning and a count under "notices" in the results JSON.
   zeroshot / linear-probe  --data ROOT with one --dataset: ROOT holds that dataset's torchvision layout;
-              with several --dataset names: ROOT/<name>/ holds each. Layouts:
+              with several --dataset names: ROOT/<name>/ holds each. --classnames must give one name per
+              class (the class folders in sorted order); --templates must not be empty. Layouts:
 """
     + "\n".join(f"     {k:14s} {v}" for k, v in TORCHVISION_LAYOUTS.items())
     + """
@@ -63,6 +77,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
     g.add_argument("--output", default=None, help="results JSON (default: eval_results/<task>-<model>-<time>.json)")
     g.add_argument("--log-level", default="INFO")
+    add_debug_flag(g)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,8 +152,9 @@ def _describe(data: ClassificationData) -> dict[str, Any]:
     }
 
 
-def _run_retrieval(args: argparse.Namespace, model: Any, tokenizer: Any, preprocess: Any, device: str) -> list[dict]:
-    data = load_retrieval(args.annotations, args.images, split=args.split, fmt=args.format, name=args.dataset)
+def _run_retrieval(
+    args: argparse.Namespace, data: RetrievalData, model: Any, tokenizer: Any, preprocess: Any, device: str
+) -> list[dict]:
     metrics = evaluate_retrieval(
         model,
         tokenizer,
@@ -156,15 +172,21 @@ def _run_retrieval(args: argparse.Namespace, model: Any, tokenizer: Any, preproc
         "num_images": len(data.images),
         "num_texts": len(data.captions),
     }
+    if data.notices:
+        desc["notices"] = data.notices
     return [{**desc, "metrics": metrics}]
 
 
-def _run_zeroshot(args: argparse.Namespace, model: Any, tokenizer: Any, preprocess: Any, device: str) -> list[dict]:
+def _load(args: argparse.Namespace, name: str, split: str, preprocess: Any) -> ClassificationData:
+    root = _dataset_root(args, name)
+    return load_classification(name, root, split, preprocess, args.format, args.classnames, args.templates)
+
+
+def _run_zeroshot(
+    args: argparse.Namespace, sets: list[ClassificationData], model: Any, tokenizer: Any, device: str
+) -> list[dict]:
     out = []
-    for name in args.dataset:
-        data = load_classification(
-            name, _dataset_root(args, name), args.split, preprocess, args.format, args.classnames, args.templates
-        )
+    for data in sets:
         metrics = evaluate_zeroshot(
             model,
             tokenizer,
@@ -178,20 +200,19 @@ def _run_zeroshot(args: argparse.Namespace, model: Any, tokenizer: Any, preproce
     return out
 
 
-def _run_linear_probe(args: argparse.Namespace, model: Any, preprocess: Any, device: str, ckpt: dict) -> list[dict]:
+def _run_linear_probe(
+    args: argparse.Namespace, sets: list[dict[str, ClassificationData]], model: Any, device: str, ckpt: dict
+) -> list[dict]:
     out = []
     encode = image_encoder(model, stage=args.feature, normalize=not args.no_normalize)
-    for name in args.dataset:
+    for name, by_role in zip(args.dataset, sets, strict=True):
         splits = {}
-        for role, split in (("train", args.train_split), ("test", args.test_split)):
-            data = load_classification(
-                name, _dataset_root(args, name), split, preprocess, args.format, args.classnames, args.templates
-            )
+        for role, data in by_role.items():
             key = {
                 "model": args.model,
                 "checkpoint_sha256": ckpt["checkpoint_sha256"],
                 "dataset": name,
-                "split": split,
+                "split": data.split,
                 "num_samples": len(data),
                 "feature": args.feature,
                 "normalize": not args.no_normalize,
@@ -267,8 +288,37 @@ _COLUMNS = {
 }
 
 
+def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Ranges argparse's types cannot say: a usage error (exit 2) before anything is loaded."""
+    if args.batch_size < 1 or args.workers < 0:
+        parser.error("--batch-size must be >= 1 and --workers >= 0")
+    if args.task == "linear-probe":
+        if not 0.0 < args.val_fraction < 1.0:
+            parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+        if any(not c > 0.0 for c in args.c_grid) or args.refine_steps < 0 or args.max_iter < 1:
+            parser.error("--c-grid values must be > 0, --refine-steps >= 0 and --max-iter >= 1")
+
+
+def _load_data(args: argparse.Namespace, preprocess: Any) -> Any:
+    """Every dataset of the run, loaded and checked before any feature is extracted."""
+    if args.task == "retrieval":
+        return load_retrieval(args.annotations, args.images, split=args.split, fmt=args.format, name=args.dataset)
+    if args.task == "zeroshot":
+        return [_load(args, name, args.split, preprocess) for name in args.dataset]
+    return [
+        {
+            role: _load(args, name, split, preprocess)
+            for role, split in (("train", args.train_split), ("test", args.test_split))
+        }
+        for name in args.dataset
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    """Run one evaluation and return its results record; user errors raise (see `cli`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_numbers(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = init_distributed()
     device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
@@ -277,12 +327,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, _, preprocess = alip.create_model(args.model, pretrained=args.checkpoint, device=device)
     model.eval()
     ckpt = model_record(args.model, args.checkpoint)
+    data = _load_data(args, preprocess)
     if args.task == "retrieval":
-        datasets = _run_retrieval(args, model, alip.get_tokenizer(args.model), preprocess, device)
+        datasets = _run_retrieval(args, data, model, alip.get_tokenizer(args.model), preprocess, device)
     elif args.task == "zeroshot":
-        datasets = _run_zeroshot(args, model, alip.get_tokenizer(args.model), preprocess, device)
+        datasets = _run_zeroshot(args, data, model, alip.get_tokenizer(args.model), device)
     else:
-        datasets = _run_linear_probe(args, model, preprocess, device, ckpt)
+        datasets = _run_linear_probe(args, data, model, device, ckpt)
     settings = {"precision": args.precision, "batch_size": args.batch_size, "world_size": env.world_size}
     if args.task == "linear-probe":
         settings.update(feature=args.feature, c_grid=args.c_grid, refine_steps=args.refine_steps)
@@ -296,11 +347,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for d in datasets
         ]
         print(format_table(rows, _COLUMNS[args.task]))
+        for d in datasets:
+            for kind, count in d.get("notices", {}).items():
+                print(f"notice: {d['name']}: {count} {kind.replace('_', ' ')} left out")
         print(f"results: {output}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return record
 
 
+@guarded
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m alip.eval`: a user error is one `error: ...` line and exit status 2."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

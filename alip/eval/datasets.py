@@ -12,6 +12,11 @@ and CLIP_benchmark's webdataset layout (`{split}/nshards.txt`, `{split}/{i}.tar`
 Class names and prompt templates are the CLIP paper's as maintained by CLIP_benchmark
 (`en_classnames.json`, `en_zeroshot_classification_templates.json`, read from the installed
 package's files without importing it) and open_clip (ImageNet); nothing is retyped here.
+
+Everything that can be checked without reading images is checked at load, so a mistake fails
+before any feature is extracted: class names that do not match the dataset's classes, an empty
+class-name or template file. A retrieval image listed without captions cannot be an image-to-text
+query: it is left out and counted (`RetrievalData.notices`), not dropped silently.
 """
 
 from __future__ import annotations
@@ -32,14 +37,20 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from alip.cli import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 Transform = Callable[[Image.Image], Any]
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset is not where it was looked for; the message says what to put where."""
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset that cannot be evaluated as given (its layout, class names or templates); the message says why."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,13 +133,21 @@ def _read_wds_split(root: Path, split: str) -> list[dict[str, Any]]:
                     sample[ext] = tar.extractfile(member).read().decode("utf-8")
         for key, sample in by_key.items():
             if "image" not in sample:
-                raise ValueError(f"{shard}: sample {key!r} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
+                raise DatasetError(f"{shard}: sample {key!r} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
             samples.append(sample)
     return samples
 
 
 def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_list(path: Path, what: str) -> list[str]:
+    """A class-name or template file: one entry per line. Empty is an error, not "use the defaults"."""
+    lines = _read_lines(path)
+    if not lines:
+        raise DatasetError(f"{path} is empty: it must list the {what}, one per line")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,15 +163,23 @@ class RetrievalData:
     images: list[ImageRef]
     captions: list[str]
     text_to_image: list[int]  # [N_txt] index into `images`
+    images_without_captions: int = 0  # listed in the annotations with no (non-blank) caption: left out
+    blank_captions: int = 0  # empty caption strings: no query, left out
 
     def __post_init__(self) -> None:
         if len(self.captions) != len(self.text_to_image):
             raise ValueError(f"{len(self.captions)} captions but {len(self.text_to_image)} caption->image entries")
         if not self.images or not self.captions:
-            raise ValueError(f"retrieval set {self.name}/{self.split} is empty")
+            raise DatasetError(f"retrieval set {self.name}/{self.split} has no image with a caption")
         without = len(self.images) - len(set(self.text_to_image))
         if without:
             raise ValueError(f"{without} images of {self.name}/{self.split} have no caption")
+
+    @property
+    def notices(self) -> dict[str, int]:
+        """What was left out of the annotations, by kind (only the kinds that occurred)."""
+        counts = {"images_without_captions": self.images_without_captions, "blank_captions": self.blank_captions}
+        return {k: v for k, v in counts.items() if v}
 
     def head(self, max_images: int | None) -> RetrievalData:
         """The first `max_images` images with all their captions (the fast in-training subset)."""
@@ -170,14 +197,24 @@ class RetrievalData:
         return ImageListDataset(self.images, transform)
 
 
-def _group_captions(pairs: Sequence[tuple[ImageRef, str]], name: str, split: str) -> RetrievalData:
-    """(image, caption) rows -> RetrievalData; images in first-appearance order."""
+def _group_captions(pairs: Sequence[tuple[ImageRef, str | None]], name: str, split: str) -> RetrievalData:
+    """(image, caption) rows -> RetrievalData; images in first-appearance order, captions in row order.
+
+    `(image, None)` lists an image that has no caption. Such an image cannot be an image-to-text
+    query, so it is left out of both directions and counted: the standard test sets caption every
+    image, and keeping it in the text-to-image gallery would make the scores incomparable with
+    theirs. Blank captions are no query either: left out and counted.
+    """
+    captioned = {image for image, caption in pairs if caption}
     index: dict[ImageRef, int] = {}
     captions, text_to_image = [], []
     for image, caption in pairs:
-        captions.append(caption)
-        text_to_image.append(index.setdefault(image, len(index)))
-    return RetrievalData(name, split, list(index), captions, text_to_image)
+        if caption:
+            captions.append(caption)
+            text_to_image.append(index.setdefault(image, len(index)))
+    without = len({image for image, _ in pairs} - captioned)
+    blank = sum(caption is not None and not caption for _, caption in pairs)
+    return RetrievalData(name, split, list(index), captions, text_to_image, without, blank)
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -194,16 +231,16 @@ def load_karpathy(
     _require_file(path, "Karpathy split JSON")
     data = json.loads(path.read_text())
     if "images" not in data or (data["images"] and "sentences" not in data["images"][0]):
-        raise ValueError(f"{path} is not a Karpathy split file (needs images[].sentences[].raw)")
+        raise DatasetError(f"{path} is not a Karpathy split file (needs images[].sentences[].raw)")
     pairs = []
     for entry in data["images"]:
         if entry.get("split") != split:
             continue
         image = str(image_root / entry.get("filepath", "") / entry["filename"])
-        pairs += [(image, s["raw"].strip()) for s in entry["sentences"]]
+        pairs += [(image, s["raw"].strip()) for s in entry["sentences"]] or [(image, None)]
     if not pairs:
         splits = sorted({e.get("split") for e in data["images"]})
-        raise ValueError(f"{path} has no images in split {split!r} (splits present: {splits})")
+        raise DatasetError(f"{path} has no images in split {split!r} (splits present: {splits})")
     return _group_captions(pairs, name or data.get("dataset", path.stem), split)
 
 
@@ -220,7 +257,7 @@ def load_coco_annotations(
     by_image: dict[Any, list[str]] = {i: [] for i in sorted(files)}
     for ann in data["annotations"]:
         by_image[ann["image_id"]].append(ann["caption"].strip())
-    pairs = [(files[i], c) for i, caps in by_image.items() for c in caps]
+    pairs = [(files[i], c) for i, caps in by_image.items() for c in caps or [None]]
     return _group_captions(pairs, name or path.stem, split)
 
 
@@ -238,7 +275,7 @@ def load_flickr_annotations(
             continue
         image, sep, caption = line.strip().partition(".jpg,")
         if not sep:
-            raise ValueError(f"{path}:{n}: expected 'image.jpg,caption', got {line[:80]!r}")
+            raise DatasetError(f"{path}:{n}: expected 'image.jpg,caption', got {line[:80]!r}")
         pairs.append((str(image_root / (image + ".jpg")), caption.strip()))
     return _group_captions(pairs, name or path.stem, split)
 
@@ -263,13 +300,13 @@ def load_caption_table(
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
     else:
-        raise ValueError(f"caption table must be .csv, .tsv or .jsonl, got {path.name}")
+        raise DatasetError(f"caption table must be .csv, .tsv or .jsonl, got {path.name}")
     pairs = []
     for n, row in enumerate(rows, start=1):
         if image_col not in row or caption_col not in row:
-            raise ValueError(f"{path} row {n}: needs columns {image_col!r} and {caption_col!r}, has {sorted(row)}")
+            raise DatasetError(f"{path} row {n}: needs columns {image_col!r} and {caption_col!r}, has {sorted(row)}")
         caps = row[caption_col] if isinstance(row[caption_col], list) else [row[caption_col]]
-        pairs += [(str(root / row[image_col]), str(c).strip()) for c in caps]
+        pairs += [(str(root / row[image_col]), str(c).strip()) for c in caps] or [(str(root / row[image_col]), None)]
     return _group_captions(pairs, name or path.stem, split)
 
 
@@ -280,8 +317,9 @@ def load_wds_retrieval(root: str | Path, split: str = "test", name: str | None =
     pairs = []
     for sample in _read_wds_split(root, split):
         if "txt" not in sample:
-            raise ValueError(f"{root}: sample {sample['__key__']!r} has no .txt captions")
-        pairs += [(sample["image"], c.strip()) for c in sample["txt"].splitlines() if c.strip()]
+            raise DatasetError(f"{root}: sample {sample['__key__']!r} has no .txt captions")
+        captions = [c.strip() for c in sample["txt"].splitlines() if c.strip()]
+        pairs += [(sample["image"], c) for c in captions] or [(sample["image"], None)]
     return _group_captions(pairs, name or root.name, split)
 
 
@@ -292,7 +330,11 @@ def load_retrieval(
     fmt: str = "auto",
     name: str | None = None,
 ) -> RetrievalData:
-    """Load a retrieval set; `fmt` is karpathy, coco, flickr, table, wds or auto (by file type/content)."""
+    """Load a retrieval set; `fmt` is karpathy, coco, flickr, table, wds or auto (by file type/content).
+
+    Images listed without captions and blank captions are left out and counted in `notices` (see
+    `_group_captions`), with a warning.
+    """
     path = Path(path)
     if not path.exists():
         raise DatasetNotFoundError(
@@ -313,7 +355,7 @@ def load_retrieval(
         else:
             fmt = "table"
     if fmt == "wds":
-        return load_wds_retrieval(path, split, name)
+        return _noticed(load_wds_retrieval(path, split, name))
     loaders = {
         "karpathy": load_karpathy,
         "coco": load_coco_annotations,
@@ -321,10 +363,25 @@ def load_retrieval(
         "table": load_caption_table,
     }
     if fmt not in loaders:
-        raise ValueError(f"unknown retrieval format {fmt!r}; choose auto, {', '.join(loaders)} or wds")
+        raise DatasetError(f"unknown retrieval format {fmt!r}; choose auto, {', '.join(loaders)} or wds")
     if image_root is None and fmt != "table":
-        raise ValueError(f"{fmt} annotations need the image folder (--images)")
-    return loaders[fmt](path, image_root, split=split, name=name)
+        raise DatasetError(f"{fmt} annotations need the image folder (--images)")
+    return _noticed(loaders[fmt](path, image_root, split=split, name=name))
+
+
+def _noticed(data: RetrievalData) -> RetrievalData:
+    if data.images_without_captions:
+        logger.warning(
+            "%s/%s: %d images have no caption and are left out (no image-to-text query without one); "
+            "evaluating %d images",
+            data.name,
+            data.split,
+            data.images_without_captions,
+            len(data.images),
+        )
+    if data.blank_captions:
+        logger.warning("%s/%s: %d blank captions left out", data.name, data.split, data.blank_captions)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,16 +568,16 @@ def _load_torchvision(
 ) -> tuple[Dataset, list[str], list[str]]:
     """One of CLIP's datasets in torchvision's on-disk layout, with CLIP's class names and templates."""
     if name not in _SPLITS:
-        raise ValueError(f"unknown dataset {name!r}; torchvision-backed ones: {', '.join(_SPLITS)}")
+        raise DatasetError(f"unknown dataset {name!r}; torchvision-backed ones: {', '.join(_SPLITS)}")
     if split not in _SPLITS[name]:
-        raise ValueError(f"{name} has splits {_SPLITS[name]}, not {split!r}")
+        raise DatasetError(f"{name} has splits {_SPLITS[name]}, not {split!r}")
     if name == "imagenet1k":
         folder = root / ("train" if split == "train" else "val")
         if not folder.is_dir():
             raise DatasetNotFoundError(f"ImageNet {split} not found: expected {TORCHVISION_LAYOUTS[name]} at {folder}")
         dataset = _image_folder(folder, transform)
         if len(dataset.classes) != 1000:
-            raise ValueError(f"{folder} has {len(dataset.classes)} class folders, ImageNet needs 1000 (wnids)")
+            raise DatasetError(f"{folder} has {len(dataset.classes)} class folders, ImageNet needs 1000 (wnids)")
         classnames, templates = openai_imagenet()
         source.update(classnames="open_clip.IMAGENET_CLASSNAMES")
         return dataset, classnames, templates
@@ -548,15 +605,15 @@ def _load_wds(
     samples = _read_wds_split(root, split)
     missing = [s["__key__"] for s in samples if "cls" not in s]
     if missing:
-        raise ValueError(f"{root}/{split}: samples without a .cls label, e.g. {missing[:3]}")
+        raise DatasetError(f"{root}/{split}: samples without a .cls label, e.g. {missing[:3]}")
     dataset = ImageListDataset([s["image"] for s in samples], transform, [int(s["cls"]) for s in samples])
     classnames: list[str] = []
     templates: list[str] = []
     if (root / "classnames.txt").is_file():
-        classnames, source["classnames"] = _read_lines(root / "classnames.txt"), "classnames.txt"
+        classnames, source["classnames"] = _read_list(root / "classnames.txt", "class names"), "classnames.txt"
     tfile = root / "zeroshot_classification_templates.txt"
     if tfile.is_file():
-        templates, source["templates"] = _read_lines(tfile), tfile.name
+        templates, source["templates"] = _read_list(tfile, "templates"), tfile.name
     return dataset, classnames, templates
 
 
@@ -569,11 +626,11 @@ def _load_imagefolder(
     dataset = _image_folder(folder, transform)
     templates: list[str] = []
     if (root / "templates.txt").is_file():
-        templates, source["templates"] = _read_lines(root / "templates.txt"), "templates.txt"
+        templates, source["templates"] = _read_list(root / "templates.txt", "templates"), "templates.txt"
     names_file = root / "classnames.txt"
     if names_file.is_file():
         source["classnames"] = "classnames.txt"
-        return dataset, _read_lines(names_file), templates
+        return dataset, _read_list(names_file, "class names"), templates
     if not has_names_override:
         raise DatasetNotFoundError(
             f"{root} is an ImageFolder without class names: put classnames.txt (one name per line, in "
@@ -618,16 +675,42 @@ def load_classification(
     elif fmt == "imagefolder":
         dataset, classnames, templates = _load_imagefolder(root, split, transform, source, classnames_file is not None)
     else:
-        raise ValueError(f"unknown classification format {fmt!r}; choose auto, torchvision, imagefolder or wds")
+        raise DatasetError(f"unknown classification format {fmt!r}; choose auto, torchvision, imagefolder or wds")
     if classnames_file is not None:
-        classnames, source["classnames"] = _read_lines(Path(classnames_file)), str(classnames_file)
+        classnames, source["classnames"] = _read_list(Path(classnames_file), "class names"), str(classnames_file)
     if templates_file is not None:
-        templates, source["templates"] = _read_lines(Path(templates_file)), str(templates_file)
+        templates, source["templates"] = _read_list(Path(templates_file), "templates"), str(templates_file)
     if not templates:
         templates, source["templates"] = templates_for(name)
     if not classnames:
-        raise ValueError(f"no class names for {name}: pass --classnames")
+        raise DatasetError(f"no class names for {name}: pass --classnames")
+    _check_class_names(dataset, classnames, source)
     bad = [t for t in templates if "{c}" not in t]
     if bad:
-        raise ValueError(f"templates must contain {{c}} where the class name goes: {bad[:3]}")
+        raise DatasetError(f"templates must contain {{c}} where the class name goes: {bad[:3]}")
     return ClassificationData(name, split, dataset, classnames, templates, source)
+
+
+def _declared_labels(dataset: Dataset) -> tuple[int | None, int | None]:
+    """(how many classes the dataset defines, its largest label), each None where the dataset does
+    not say without reading its images. torchvision datasets have `classes` and `targets` or
+    `_labels`; our image lists have `labels`."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    classes = getattr(base, "classes", None)
+    labels = next((v for a in ("targets", "labels", "_labels") if (v := getattr(base, a, None)) is not None), None)
+    top_label = int(max(labels)) if labels is not None and len(labels) else None
+    return (len(classes) if classes is not None else None), top_label
+
+
+def _check_class_names(dataset: Dataset, classnames: list[str], source: dict) -> None:
+    """One class name per class, before any image is read: a mismatch would misname every class
+    after the first missing or extra one (and crash only when names run out, after extraction)."""
+    num_classes, top_label = _declared_labels(dataset)
+    names = f"{len(classnames)} class names ({source.get('classnames', 'default')})"
+    if num_classes is not None and num_classes != len(classnames):
+        raise DatasetError(
+            f"{names} for {num_classes} classes in {source['root']}: give exactly one name per class, in "
+            "the sorted order of the class folders (ImageFolder) or of the dataset's class list"
+        )
+    if top_label is not None and top_label >= len(classnames):
+        raise DatasetError(f"{names}, but {source['root']} has labels up to {top_label}: one name per label is missing")
