@@ -51,6 +51,10 @@ class ModelConfig:
     pretrained: str | None = None  # checkpoint file to start from (alip.load_checkpoint formats)
     grad_checkpointing: bool = True  # the released recipe trains with it on
     compile: bool = False  # torch.compile the towers
+    # Length-aware text encoding (alip.text_trim): the text tower computes each text only up to its
+    # end token. Exact (same features and gradients); "off" computes all 77 positions, as the release.
+    text_trim: Literal["off", "batch", "buckets"] = "buckets"
+    text_buckets: int = 4  # "buckets": at most this many tower calls per step
 
 
 @dataclass
@@ -285,6 +289,7 @@ RANGES: dict[str, Range] = {
     "data.shuffle_buffer": AT_LEAST_1,
     "data.num_threads": AT_LEAST_1,
     "data.num_workers": NON_NEGATIVE,  # 0: decode in the training process
+    "model.text_buckets": AT_LEAST_1,
     "loss.momentum": BELOW_1,
     "loss.power": POSITIVE,
     "optim.lr": POSITIVE,
