@@ -1,8 +1,14 @@
 """Reading the inputs of data2rec and caption.py: manifests, img2dataset tars, caption sidecars.
 
 A source yields `SourceSample`s: a key, where the image bytes are, the raw text and (maybe) a
-caption. Rows that cannot become a sample (a field missing in one JSONL line) are returned as
-skips with a reason, never dropped silently.
+caption. Rows that cannot become a sample (a field missing in one JSONL line, a TSV line with a
+tab inside a text) are returned as skips with a reason, never dropped silently: every row of a
+manifest is either a sample or a skip.
+
+TSV is read literally, one line per row split on tabs, without CSV quoting: hand-written and
+scraped TSVs (YFCC, img2dataset) are not quoted, and with quote semantics one stray `"` at the
+start of a text swallows every following row into that text. CSV keeps standard quoting, read
+strictly: malformed quoting refuses the file, naming the line.
 """
 
 from __future__ import annotations
@@ -14,14 +20,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from alip.cli import UserError
 from alip.data.images import BadImage
 
 MANIFEST_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-class InputError(ValueError):
-    """Unusable input: a missing column, an empty manifest, an unreadable file."""
+class InputError(UserError, ValueError):
+    """Unusable input: a missing column, an empty manifest, an unreadable file, a bad option."""
 
 
 @dataclass(slots=True)
@@ -33,6 +40,7 @@ class SourceSample:
     path: str | None = None  # the manifest's image path as written (caption sidecars may join on it)
     tar_offset: int = -1  # byte offset of the image inside an uncompressed tar, -1 for files
     size: int = -1  # image size in bytes when known (tars, stat), for size-based sharding
+    mtime_ns: int = -1  # modification time of the image file (of the tar for tar members), when known
 
     @property
     def source(self) -> str:
@@ -42,6 +50,13 @@ class SourceSample:
 @dataclass(slots=True)
 class Skip:
     source: str
+    reason: str
+
+
+@dataclass(slots=True)
+class BadRow:
+    """A manifest row that does not fit the header (wrong field count, not a JSON object)."""
+
     reason: str
 
 
@@ -56,12 +71,15 @@ class Columns:
         return [c for c in (self.image, self.text, self.caption, self.key) if c]
 
 
-def read_rows(path: Path, columns: Columns) -> Iterable[dict]:
-    """Rows of a manifest as dicts. Checks the required columns exist before yielding anything."""
+def read_rows(path: Path, columns: Columns) -> Iterable[dict | BadRow]:
+    """Rows of a manifest as dicts, or BadRow for a row that does not fit the header.
+
+    Checks the required columns exist before yielding anything.
+    """
     suffix = path.suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise InputError(f"{path}: manifest must be one of {MANIFEST_SUFFIXES}")
-    if suffix == ".parquet":
+    if suffix == ".parquet":  # a typed table: every row has every column, no field count to check
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -71,18 +89,63 @@ def read_rows(path: Path, columns: Columns) -> Iterable[dict]:
         return pq.read_table(path, columns=columns.required()).to_pylist()
     if suffix == ".jsonl":
         return _jsonl_rows(path, columns)
-    f = open(path, newline="", encoding="utf-8")
-    reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-    _check_columns(path, reader.fieldnames or [], columns)
-    return _closing_rows(reader, f)
+    if suffix == ".tsv":
+        return _tsv_rows(path, columns)
+    return _csv_rows(path, columns)
 
 
-def _closing_rows(reader: csv.DictReader, f) -> Iterable[dict]:
-    with f:
-        yield from reader
+def _tsv_rows(path: Path, columns: Columns) -> Iterable[dict | BadRow]:
+    # newline="\n": a stray carriage return inside a text must not split its line
+    with open(path, encoding="utf-8", newline="\n") as f:
+        header = _split_tsv_line(f.readline())
+        _check_columns(path, header, columns)
+        for lineno, line in enumerate(f, 2):
+            fields = _split_tsv_line(line)
+            if fields == [""]:
+                continue  # a blank line is no row
+            if len(fields) != len(header):
+                yield BadRow(
+                    f"line {lineno}: {len(fields)} tab-separated fields, the header has {len(header)} "
+                    "(a tab or line break inside a text?)"
+                )
+            else:
+                yield dict(zip(header, fields, strict=True))
 
 
-def _jsonl_rows(path: Path, columns: Columns) -> Iterable[dict]:
+def _split_tsv_line(line: str) -> list[str]:
+    line = line.removesuffix("\n").removesuffix("\r")  # LF or CRLF files
+    return line.split("\t")
+
+
+def _csv_rows(path: Path, columns: Columns) -> Iterable[dict | BadRow]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, [])
+            _check_columns(path, header, columns)
+            first_line = reader.line_num + 1
+            for fields in reader:
+                # a quoted text may hold line breaks: a row spans lines first_line..reader.line_num
+                last_line = reader.line_num
+                lines = f"line {first_line}" if first_line == last_line else f"lines {first_line}-{last_line}"
+                first_line = last_line + 1
+                if not fields:
+                    continue  # a blank line is no row
+                if len(fields) != len(header):
+                    yield BadRow(f"{lines}: {len(fields)} comma-separated fields, the header has {len(header)}")
+                else:
+                    yield dict(zip(header, fields, strict=True))
+        except csv.Error as e:
+            raise InputError(
+                f"{path}: line {reader.line_num}: malformed CSV quoting ({e}); quote texts as CSV does "
+                '("" for a quote inside a quoted text), or write the manifest as TSV or JSONL'
+            ) from None
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _jsonl_rows(path: Path, columns: Columns) -> Iterable[dict | BadRow]:
     with open(path, encoding="utf-8") as f:
         first = True
         for lineno, line in enumerate(f, 1):
@@ -92,6 +155,9 @@ def _jsonl_rows(path: Path, columns: Columns) -> Iterable[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{lineno}: not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                yield BadRow(f"line {lineno} is {_JSON_TYPES.get(type(row), 'null')}, not a JSON object")
+                continue
             if first:  # a missing column is an error for the file, not a skip per row
                 _check_columns(path, list(row), columns)
                 first = False
@@ -113,6 +179,9 @@ def manifest_samples(
     row_number = first_row - 1
     for row_number, row in enumerate(read_rows(path, columns), first_row):  # noqa: B007
         where = f"{path.name} row {row_number}"
+        if isinstance(row, BadRow):
+            skips.append(Skip(where, row.reason))
+            continue
         missing = [c for c in columns.required() if row.get(c) is None]
         if missing:
             skips.append(Skip(where, f"missing field(s) {missing}"))
@@ -157,6 +226,7 @@ def tar_samples(path: Path, caption_field: str | None = None) -> tuple[list[Sour
                     entry["json"] = json.loads(tar.extractfile(member).read() or b"{}")
     except tarfile.TarError as e:
         raise InputError(f"{path}: not a readable tar: {e}") from None
+    tar_mtime = path.stat().st_mtime_ns
     samples, skips = [], []
     for stem, entry in groups.items():
         key = stem.rsplit("/", 1)[-1]
@@ -166,7 +236,9 @@ def tar_samples(path: Path, caption_field: str | None = None) -> tuple[list[Sour
             continue
         caption = entry.get("json", {}).get(caption_field) if caption_field else None
         offset, size = entry["image"]
-        samples.append(SourceSample(key, str(path), entry["text"], caption, path=None, tar_offset=offset, size=size))
+        samples.append(
+            SourceSample(key, str(path), entry["text"], caption, tar_offset=offset, size=size, mtime_ns=tar_mtime)
+        )
     if not groups:
         raise InputError(f"{path}: the tar holds no samples")
     return samples, skips
