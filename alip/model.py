@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import open_clip
 import torch
 from torch import nn
 
+from alip.cli import UserError
 from alip.text_trim import TrimMode, encode_texts, supports_trim
 
 logger = logging.getLogger(__name__)
@@ -35,8 +37,9 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 TRAIN_CHECKPOINT_MODEL_KEY = "model"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded: unsafe, unreadable or not matching the model."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used: unsafe, unreadable, not a checkpoint, not matching the model,
+    or (alip.train) refused for a resume or not writable."""
 
 
 def create_model(
@@ -144,22 +147,57 @@ class BiPathCLIP(nn.Module):
         }
 
 
-def _read_checkpoint(path: Path) -> Any:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def is_safetensors(path: Path) -> bool:
+    """By content, whatever the name: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size
 
-        return load_file(str(path), device="cpu")
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        # weights_only: a checkpoint must never run code. Unpickling a foreign class fails here.
+        return load_file(str(path), device="cpu")
+    except SafetensorError as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: truncated or corrupt ({e})") from None
+
+
+def _unpickling_refusal(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
+    """weights_only refused the file: either it holds code-bearing objects, or it is no pickle at all."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    blocked = [line for line in lines if "GLOBAL" in line]  # "Trying to load unsupported GLOBAL posix.system ..."
+    if not blocked:  # "Unsupported operand 67": bytes that are not a pickled checkpoint
+        return CheckpointError(f"{path} is not a PyTorch checkpoint (not a file torch.save writes)")
+    return CheckpointError(
+        f"refused to load {path}: it contains Python objects other than tensors and plain containers, "
+        f"which could run code when unpickled ({blocked[0]})"
+    )
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """A checkpoint file's content, loaded without running code; CheckpointError says what is wrong.
+
+    safetensors files are recognised by content, torch.save files are loaded with weights_only=True.
+    An empty file, bytes that are not a checkpoint, a truncated archive and a pickle that would run
+    code each get their own message, rather than PyTorch's advice to set weights_only=False.
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
+    if path.suffix == ".safetensors" or is_safetensors(path):
+        return _read_safetensors(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # a zip archive (torch.save) or the legacy pickle format
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {magic!r}, not a torch.save header)")
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refused to load {path}: it contains Python objects other than tensors and plain containers, "
-            "which could run code when unpickled "
-            f"(torch.load weights_only=True said: {str(e).splitlines()[0]})"
-        ) from None
+        raise _unpickling_refusal(path, e) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({str(e).splitlines()[0]})") from e
 
 
 def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
@@ -225,7 +263,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path, strict: bool = Tru
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     target = unwrap_model(model)
-    state_dict, fmt = extract_state_dict(_read_checkpoint(path), source=str(path))
+    state_dict, fmt = extract_state_dict(read_checkpoint(path), source=str(path))
     expected = target.state_dict()
     # Non-persistent buffers (e.g. the text attention mask) may be in checkpoints of older
     # open_clip versions; they are rebuilt by the model, so they are neither missing nor unexpected.

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import alip
+from alip.model import CheckpointError
 from alip.train.checkpoint import (
     Checkpointer,
     find_latest,
@@ -53,7 +54,7 @@ def test_damaged_latest_is_passed_over(tmp_path, damage):
     assert find_latest(tmp_path).name == "step-00000001.pt"
     assert resolve_resume("latest", tmp_path).name == "step-00000001.pt"
     if damage in ("truncate", "flip"):
-        with pytest.raises(ValueError, match="does not match its manifest"):
+        with pytest.raises(CheckpointError, match="does not match its manifest"):
             resolve_resume(str(newest), tmp_path)
 
 

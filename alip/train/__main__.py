@@ -7,6 +7,9 @@ One process on a CPU or GPU, or under torchrun (N processes per node, several no
 
 Under torchrun with --max-restarts, a restarted worker group resumes from the last complete
 checkpoint by itself (TORCHELASTIC_RESTART_COUNT > 0 implies `--resume latest`).
+
+A mistake of the user's (config, data, checkpoint, run folder) prints one `error: ...` line and
+exits with status 2; --debug or ALIP_DEBUG=1 shows its traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import sys
 
 import torch.distributed as dist
 
-from alip.config import ConfigError, load_config
+from alip.cli import add_debug_flag, guarded
+from alip.config import load_config
 from alip.train.run import train
 
 
@@ -29,9 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4 train.precision=bf16")
     p.add_argument("--resume", help="'latest' (newest complete checkpoint of the run, if any) or a checkpoint path")
+    add_debug_flag(p)
     return p.parse_intermixed_args(argv)  # overrides and --resume in any order
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -41,9 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         train(load_config(args.config, args.overrides), args.resume)
-    except ConfigError as e:  # also the world-size checks, which only train() can make
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,6 +8,8 @@ The released ALIP code decayed everything; CLIP and open_clip exclude these, and
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,3 +71,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total
     if cfg.name == "constant":
         return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
     raise ValueError(f"unknown schedule {cfg.name!r}")
+
+
+def resume_optimizer(
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+) -> None:
+    """Continue from a checkpoint: its Adam moments and step count, but this config's hyperparameters.
+
+    torch's `load_state_dict` would also bring back the checkpoint's param-group values (lr, betas,
+    eps, weight decay, OneCycleLR's initial/max/min lr) and silently undo a changed lr. So the groups
+    keep the values the optimizer and scheduler were just built with, and the schedule, a closed-form
+    function of the step for every schedule here, is placed at the checkpoint's step: the same lr as an
+    uninterrupted run of this config (bitwise, when nothing changed).
+    """
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)
+    scheduler.last_epoch = scheduler_state["last_epoch"] - 1
+    with warnings.catch_warnings():
+        # torch's "step() before optimizer.step()" warning: this places the schedule, it skips no value
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()

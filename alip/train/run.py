@@ -1,4 +1,4 @@
-"""Run a training in this process: distributed set-up, run folder, resume, then `Trainer.fit`.
+"""Run a training in this process: distributed set-up, run folder and its lock, resume, then `Trainer.fit`.
 
 `train(cfg, resume)` is what `python -m alip.train` and torchrun workers call; tests call it too.
 """
@@ -8,15 +8,22 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from alip.config import Config, save_config, validate
+from alip.cli import USER_ERRORS
+from alip.config import Config, ConfigError, RunShape, save_config, validate
 from alip.distributed import DistEnv, get_rank, init_distributed, read_env
-from alip.train.checkpoint import load_state, resolve_resume
+from alip.files import FolderLock
+from alip.train.checkpoint import checkpoint_dir, claim_directory, load_training_state, resolve_resume
+from alip.train.resume import check_resume
 from alip.train.trainer import Trainer
+
+T = TypeVar("T")
 
 logger = logging.getLogger("alip.train")
 
@@ -55,14 +62,40 @@ def init_after_elastic_restart(env: DistEnv, timeout_s: float = 1800.0) -> None:
     )
 
 
-def resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
-    """Rank 0 picks the checkpoint and broadcasts it, so every rank loads the same file."""
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume = "latest"  # a torchrun restart after a crash continues where the run stopped
-    choice = [resolve_resume(resume, checkpoint_dir) if get_rank() == 0 else None]
+def on_rank0(decide: Callable[[], T]) -> T:
+    """`decide()` on rank 0; its result, or its user error, on every rank. A refusal raised on rank 0
+    alone would leave the other ranks waiting in the next collective."""
+    outcome: list[Any] = [None, None]
+    if get_rank() == 0:
+        try:
+            outcome[0] = decide()
+        except USER_ERRORS as e:
+            outcome[1] = e
     if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def claim_run_dir(run_dir: Path, lock: FolderLock) -> None:
+    """Rank 0: the run folder is a folder, and this run holds its lock (a second trainer is refused)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} is a file, not a folder")
+    lock.acquire()
+
+
+def start_checkpoint(resume: str | None, directory: Path) -> Path | None:
+    """Rank 0: the checkpoint to start from (None: from scratch), once the folder may be written.
+
+    A worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) continues from the latest."""
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "latest"
+    start = resolve_resume(resume, directory)
+    if start is None and resume is not None:
+        logger.info("--resume %s: no checkpoint yet, starting from scratch", resume)
+    claim_directory(directory, start)
+    return start
 
 
 def train(cfg: Config, resume: str | None = None) -> Trainer:
@@ -71,16 +104,29 @@ def train(cfg: Config, resume: str | None = None) -> Trainer:
     env = init_distributed()  # returns the environment if the group already exists
     shape = validate(cfg, env.world_size)
     run_dir = Path(cfg.output_dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    trainer = Trainer(cfg, shape, run_dir, device_for(env.local_rank))
-    path = resume_path(resume, trainer.checkpointer.directory)
-    if path is not None:
-        trainer.load_state_dict(load_state(path))
-        logger.info("resumed from %s at step %d", path, trainer.state.step)
-    elif resume is not None:
-        logger.info("--resume %s: no checkpoint yet, starting from scratch", resume)
+    lock = FolderLock(run_dir, "alip.train")
+    try:
+        on_rank0(lambda: claim_run_dir(run_dir, lock))
+        trainer = prepare(cfg, shape, run_dir, resume, device_for(env.local_rank))
+        trainer.fit()
+    finally:
+        lock.release()  # held by rank 0 only; the others have nothing to release
+    return trainer
+
+
+def prepare(cfg: Config, shape: RunShape, run_dir: Path, resume: str | None, device: torch.device) -> Trainer:
+    """The trainer, at step 0 or at the checkpoint's step. Everything that can refuse (the checkpoint,
+    the config's changes) does so before the first write: a refused resume leaves config.yaml as it was."""
+    start = on_rank0(lambda: start_checkpoint(resume, checkpoint_dir(run_dir)))
+    state = load_training_state(start) if start is not None else None
+    if state is not None:
+        check_resume(state, cfg, shape.world_size)
+    trainer = Trainer(cfg, shape, run_dir, device)
+    if state is not None:
+        trainer.load_state_dict(state)
+        logger.info("resumed from %s at step %d", start, trainer.state.step)
+    if get_rank() == 0:
+        save_config(cfg, run_dir / "config.yaml")  # what runs, also where a resume changed it
     # Per-step lines past the checkpoint (a killed run's, or all of a previous run's) would be stale.
     trainer.logger.truncate_after(trainer.state.step)
     logger.info(
@@ -92,5 +138,4 @@ def train(cfg: Config, resume: str | None = None) -> Trainer:
         shape.per_rank_batch,
         shape.micro_batch,
     )
-    trainer.fit()
     return trainer

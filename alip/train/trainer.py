@@ -29,12 +29,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import alip
-from alip.config import Config, RunShape, to_dict
+from alip.config import Config, ConfigError, RunShape, to_dict
 from alip.data.loader_config import LoaderConfig
 from alip.distributed import get_rank, get_world_size
-from alip.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from alip.model import CheckpointError
+from alip.train.checkpoint import Checkpointer, checkpoint_dir, rng_state, set_rng_state
 from alip.train.logger import TrainLogger
-from alip.train.optim import build_optimizer, build_scheduler
+from alip.train.optim import build_optimizer, build_scheduler, resume_optimizer
 from alip.train.step import StepOutcome, all_ranks_finite, forward_backward, rank_mean
 
 logger = logging.getLogger("alip.train")
@@ -110,7 +111,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         ck = cfg.checkpoint
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ck.every_steps, ck.every_minutes, ck.keep_last)
+        self.checkpointer = Checkpointer(checkpoint_dir(self.run_dir), ck.every_steps, ck.every_minutes, ck.keep_last)
         self.logger = TrainLogger(cfg.log, self.run_dir, self.rank == 0, to_dict(cfg))
         self.evaluator = self._build_evaluator()
         self.state = TrainState()
@@ -128,7 +129,10 @@ class Trainer:
 
     def _build_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         m = self.cfg.model
-        clip, _, _ = alip.create_model(m.name, pretrained=m.pretrained)
+        try:
+            clip, _, _ = alip.create_model(m.name, pretrained=m.pretrained)
+        except ValueError as e:  # create_model's "unknown model": a config value, not a bug
+            raise ConfigError(f"model.name: {e}") from None
         clip.set_grad_checkpointing(m.grad_checkpointing)  # open_clip checkpoints non-reentrantly: DDP-safe
         clip.to(self.device)
         net: torch.nn.Module = alip.BiPathCLIP(clip)
@@ -184,20 +188,28 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state` stopped; each rank restores its own loader and RNG."""
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"checkpoint was written by {state['world_size']} ranks, this run has {self.world_size}: "
-                "exact resume needs the same world size (the data order and loader states are per rank)"
+        """Continue exactly where `state` stopped; each rank restores its own loader and RNG.
+
+        `state` is one that alip.train.resume.check_resume accepted for this config and world size.
+        Hyperparameters come from this trainer's config (see resume_optimizer), the rest from `state`.
+        """
+        step = state["train_state"]["step"]
+        if step > self.total_steps:
+            raise CheckpointError(
+                f"the checkpoint is at step {step}, past this run's {self.total_steps} steps: raise train.max_steps "
+                "(or train.epochs) to continue it"
             )
         self.clip.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        resume_optimizer(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])
+        if state["scaler"]:  # empty where the checkpoint's run had no fp16 loss scaler: keep the fresh one
+            self.scaler.load_state_dict(state["scaler"])
         self.loss_fn.load_state_dict(state["loss"])
         self.state = TrainState(**state["train_state"])
         mine = state["ranks"][self.rank]
-        self.loader.load_state_dict(mine["loader"])
+        try:
+            self.loader.load_state_dict(mine["loader"])
+        except ValueError as e:  # the shards under data.train changed since the checkpoint
+            raise CheckpointError(f"the checkpoint's data position does not fit data.train: {e}") from None
         set_rng_state(mine["rng"])
         self._last_saved_step = self.state.step
 
@@ -249,8 +261,8 @@ class Trainer:
         if s.consecutive_skips >= self.cfg.train.max_consecutive_skips:
             raise TooManySkippedStepsError(
                 f"{s.consecutive_skips} consecutive steps had non-finite loss inputs or gradients (up to step "
-                f"{s.step + 1}); training has diverged. Resume from an earlier checkpoint with a lower optim.lr, "
-                "or raise train.max_consecutive_skips."
+                f"{s.step + 1}); training has diverged. Resume an earlier checkpoint with a lower optim.lr (into "
+                "another output_dir), or raise train.max_consecutive_skips."
             )
 
     # ----- the loop ---------------------------------------------------------------------------------
@@ -270,7 +282,8 @@ class Trainer:
         global_batch = self.shape.per_rank_batch * self.world_size
         while self.state.step < self.total_steps:
             t0 = time.perf_counter()
-            batch = next(data)
+            with torch.random.fork_rng(devices=[]):  # see _batches
+                batch = next(data)
             meter.data_wait += time.perf_counter() - t0
             outcome = self.train_step(batch)
             self.state.step += 1
@@ -281,7 +294,8 @@ class Trainer:
                 self.logger.log(step, self._metrics(outcome, meter))
             self.logger.histograms(step, outcome.gates)
             if self.evaluator is not None and self.evaluator.should_run(step):
-                self.logger.log_eval(step, self.evaluator.run(self.net))
+                with torch.random.fork_rng(devices=[]):  # training draws the same numbers whatever the eval cadence
+                    self.logger.log_eval(step, self.evaluator.run(self.net))
             save, stop = self._save_or_stop(step)
             if save:
                 self.save()
@@ -292,7 +306,13 @@ class Trainer:
         return True
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:  # epochs; the loader knows which one it is in (and where in it, after a resume)
+        """Batches across epochs; the loader knows which epoch it is in (and where, after a resume).
+
+        Drawn outside torch's global RNG stream (the caller forks it): torch's DataLoader draws a
+        base seed from it whenever an epoch's iterator starts, which a run resumed mid-epoch does at
+        another point of the stream than an uninterrupted run. Dropout would then diverge after a resume.
+        """
+        while True:
             yield from self.loader
 
     def _save_or_stop(self, step: int) -> tuple[bool, bool]:

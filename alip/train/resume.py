@@ -1,0 +1,88 @@
+"""What a resume may change: the checkpoint's config against the config given with `--resume`.
+
+A changed value is either applied, and named in a warning (old -> new), or refused with every such
+field named (CheckpointError, before anything is written). It is never silently replaced by the
+checkpoint's value, so config.yaml and every later checkpoint record what actually runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from alip.config import Config, to_dict
+from alip.distributed import get_rank
+from alip.model import CheckpointError
+
+logger = logging.getLogger("alip.train")
+
+# Applied on resume: fields that act from the next step on and leave the checkpoint's weights, gate
+# EMAs and data position meaningful. A trailing "." takes a whole section.
+APPLIED = (
+    "output_dir",  # resuming another folder's checkpoint into a new one forks that run
+    "optim.",  # lr, weight decay, betas, eps, grad clip: the optimizer's groups are set from the config
+    "schedule.",  # rebuilt from the config and placed at the checkpoint's step
+    "train.epochs",  # the run's length: the schedule is rebuilt for the new total
+    "train.max_steps",
+    "train.accum_steps",  # exact accumulation: the same gradient over other micro-batches
+    "train.precision",  # numerics of the coming steps; fp16 gets a fresh loss scaler if it had none
+    "train.deterministic",
+    "train.max_consecutive_skips",
+    "model.grad_checkpointing",  # memory and speed only
+    "model.compile",
+    "model.text_trim",  # exact: the same features, fewer padded tokens computed
+    "model.text_buckets",
+    "data.num_threads",  # the torch loader seeds augmentation per sample, not per worker
+    "data.num_workers",
+    "checkpoint.",  # cadence and outputs
+    "log.",
+    "eval.",
+)
+# Refused, everything else: the model (model.pretrained only sets starting weights, which the
+# checkpoint replaces), the objective (loss.*: its terms, gates and EMA semantics), and the data and
+# its order (data.train, loader, image size, augmentation, shuffle buffer, train.batch_size, seed):
+# the checkpoint's weights, EMAs and loader position only mean something with the values they had.
+
+
+def applies_on_resume(key: str) -> bool:
+    return any(key == field or (field.endswith(".") and key.startswith(field)) for field in APPLIED)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """`key old -> new` for every option whose value differs from the checkpoint's."""
+    old, new = dict(_flat(saved)), dict(_flat(to_dict(cfg)))
+    missing = "(absent)"
+    return [
+        f"{key} {json.dumps(old.get(key, missing))} -> {json.dumps(new.get(key, missing))}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, missing) != new.get(key, missing)
+    ]
+
+
+def check_resume(state: dict[str, Any], cfg: Config, world_size: int) -> None:
+    """Refuse a checkpoint this run cannot continue; warn about each change it applies."""
+    if state["world_size"] != world_size:
+        raise CheckpointError(
+            f"checkpoint was written by {state['world_size']} ranks, this run has {world_size}: "
+            "exact resume needs the same world size (the data order and loader states are per rank)"
+        )
+    changes = config_changes(state["config"], cfg)
+    refused = [c for c in changes if not applies_on_resume(c.split(" ")[0])]
+    if refused:
+        raise CheckpointError(
+            f"cannot resume with these changes to the checkpoint's config: {', '.join(refused)}. They would "
+            "make the checkpoint's weights, gate state or data position mean something else; start a new "
+            "run instead (model.pretrained=CHECKPOINT keeps the weights)"
+        )
+    if changes and get_rank() == 0:
+        logger.warning("resuming with a changed config, applied from the next step on: %s", ", ".join(changes))
