@@ -254,15 +254,15 @@ def run_cli(*args):
 def test_cli_errors_are_clear_and_non_zero(planted, tmp_path):
     manifest, img, _, _ = planted
     res = run_cli(manifest, "--image-root", img, "--caption-col", "cap", "--out-dir", tmp_path / "a")
-    assert res.returncode == 1 and "column(s) ['cap'] not found" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "column(s) ['cap'] not found" in res.stderr and "Traceback" not in res.stderr
     (tmp_path / "empty.tsv").write_text("image\ttext\tcaption\n")
     res = run_cli(tmp_path / "empty.tsv", "--caption-col", "caption", "--out-dir", tmp_path / "b")
-    assert res.returncode == 1 and "has no rows" in res.stderr
+    assert res.returncode == 2 and "has no rows" in res.stderr
     res = run_cli(manifest, "--image-root", img, "--out-dir", tmp_path / "c")
-    assert res.returncode == 1 and "no caption source" in res.stderr
+    assert res.returncode == 2 and "no caption source" in res.stderr
     allbad = write_manifest(tmp_path / "bad.jsonl", [{"image": "zero.jpg", "text": "t", "caption": "c"}] * 1)
     res = run_cli(allbad, "--image-root", img, "--caption-col", "caption", "--out-dir", tmp_path / "d")
-    assert res.returncode == 1 and "failed" in res.stderr and (tmp_path / "d/train.skipped.jsonl").exists()
+    assert res.returncode == 2 and "failed" in res.stderr and (tmp_path / "d/train.skipped.jsonl").exists()
     assert "--shard-records" in run_cli("--help").stdout
 
 

@@ -5,6 +5,9 @@ Inputs: manifests (.tsv/.csv/.jsonl/.parquet) with an image-path column (relativ
 default the manifest's folder), a raw-text column and optionally a caption column; or img2dataset
 webdataset .tar shards ({key}.jpg/.txt/.json). Captions can also come from a sidecar
 (--captions, JSONL/parquet with "key" or "path" and "caption"), as written by tools/caption.py.
+TSV manifests are read literally: one line per row, fields split on tabs, no CSV quoting (a `"`
+is part of the text); a line whose field count differs from the header's is skipped and reported.
+CSV manifests use standard CSV quoting. JSONL lines must be JSON objects.
 
 Every image is decoded and checked before it enters a shard. Zero-byte, truncated and corrupt
 files, missing files and decompression bombs are skipped and listed with their reason in
@@ -13,7 +16,10 @@ RGB/grayscale JPEGs pass through unchanged unless --max-side asks for a resize. 
 shuffled once with --seed, then cut into shards {prefix}-00000.rec/.idx. Each shard gets a
 {stem}.texts.jsonl with its records' original strings. {prefix}.meta.json lists the shards, their
 counts and checksums, the tokenizer and the layout. Rerunning the same command after an
-interruption finishes the job without duplicates.
+interruption (a kill, a worker lost to the out-of-memory killer) finishes the job without
+duplicates; it also redoes the shards whose image files changed since (by size or mtime), so
+fixed images replace their skips. A second run into the same --out-dir is refused while the first
+is running. Errors in the inputs or options print one line and exit with status 2.
 
 Examples:
   python tools/data2rec.py yfcc15m.tsv --image-root /data/yfcc/images --text-col title \\
@@ -26,9 +32,9 @@ import logging
 import sys
 from pathlib import Path
 
+from alip.cli import add_debug_flag, guarded
 from alip.data.convert import ConvertOptions, convert
-from alip.data.recordio import RecordIOError
-from alip.data.sources import Columns, InputError
+from alip.data.sources import Columns
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,8 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs (default: 95)")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="reject images with more pixels (bombs)")
     p.add_argument("--tokenizer", default="ViT-B-32", help="open_clip model whose tokenizer to use (default: ViT-B-32)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier run in --out-dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the shards and reports with this --prefix in --out-dir and convert everything again",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -60,29 +71,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("alip").setLevel(logging.INFO)  # ours; open_clip's INFO lines are noise here
-    try:
-        opts = ConvertOptions(
-            out_dir=args.out_dir,
-            prefix=args.prefix,
-            image_root=args.image_root,
-            columns=Columns(args.image_col, args.text_col, args.caption_col, args.key_col),
-            captions=args.captions,
-            require_caption=not args.no_caption,
-            shard_records=args.shard_records,
-            shard_bytes=int(args.shard_size_mb * 1e6) if args.shard_size_mb else None,
-            seed=args.seed,
-            workers=args.workers,
-            max_side=args.max_side,
-            jpeg_quality=args.jpeg_quality,
-            max_pixels=args.max_pixels,
-            tokenizer=args.tokenizer,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-        report = convert(args.inputs, opts)
-    except (InputError, RecordIOError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    opts = ConvertOptions(
+        out_dir=args.out_dir,
+        prefix=args.prefix,
+        image_root=args.image_root,
+        columns=Columns(args.image_col, args.text_col, args.caption_col, args.key_col),
+        captions=args.captions,
+        require_caption=not args.no_caption,
+        shard_records=args.shard_records,
+        shard_bytes=int(args.shard_size_mb * 1e6) if args.shard_size_mb is not None else None,
+        seed=args.seed,
+        workers=args.workers,
+        max_side=args.max_side,
+        jpeg_quality=args.jpeg_quality,
+        max_pixels=args.max_pixels,
+        tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    report = convert(args.inputs, opts)  # user errors (InputError, RecordIOError, ...) are alip.cli.UserErrors
     print(
         f"{report.num_records} records from {report.num_inputs} inputs in {report.seconds:.1f} s "
         f"({report.images_written / max(report.write_seconds, 1e-9):.0f} images/s while writing); "
@@ -93,4 +100,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main)())

@@ -1,16 +1,20 @@
 """Manifest / img2dataset tars (+ caption sidecar) -> shuffled RecordIO shards + meta JSON.
 
-The steps, each restartable:
+The steps, each restartable, under a lock on the output folder (two runs never write into one):
 1. Index the inputs (rows, tar members), join captions, and count every row that cannot become a
-   sample, with its reason.
+   sample, with its reason. Stat every image file: its size and mtime tell a rerun which shards
+   are stale.
 2. Shuffle the whole dataset once with a seed. DALI's reader only shuffles within a buffer, so
    shards must already be mixed. Cut the shuffled list into shards by record count and/or
    estimated size. The plan is a pure function of the inputs and options; its fingerprint is
    saved, so a rerun with different inputs cannot silently mix two plans.
 3. Write the shards in parallel worker processes. Each worker decodes and validates every image,
    tokenises both texts, and writes `.rec`/`.idx` plus a texts sidecar under temporary names.
-   It renames them when done and writes `{stem}.done.json` last. A shard without that file is
-   incomplete and is redone on the next run, so a killed run resumes without duplicates.
+   It renames them when done and writes `{stem}.done.json` last, with the size and mtime of its
+   image files. A shard without that file is incomplete, and one whose image files changed since
+   is stale: both are redone on the next run, so a killed run resumes without duplicates and a
+   run after fixing images picks the fixed files up. A worker killed from outside (the OOM killer)
+   stops the run with the names of the unfinished shards; a rerun finishes them.
 4. Write the meta JSON (shards, counts, checksums, tokenizer, layout, source) and the report of
    every skipped input.
 """
@@ -24,11 +28,14 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from alip.cli import UserError
 from alip.data import schema
 from alip.data.images import BadImage, prepare_image
 from alip.data.recordio import RecordIOWriter
@@ -42,7 +49,7 @@ from alip.data.sources import (
     read_image_bytes,
     tar_samples,
 )
-from alip.files import sha256_file, write_json_atomic
+from alip.files import FolderLock, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +75,17 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         if self.shard_records < 1:
-            raise ValueError(f"shard_records must be >= 1, got {self.shard_records}")
+            raise InputError(f"shard_records must be >= 1, got {self.shard_records}")
         if self.shard_bytes is not None and self.shard_bytes < 1:
-            raise ValueError(f"shard_bytes must be >= 1, got {self.shard_bytes}")
+            raise InputError(f"shard_bytes must be >= 1, got {self.shard_bytes}")
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise InputError(f"workers must be >= 1, got {self.workers}")
         if self.max_side is not None and self.max_side < 16:
-            raise ValueError(f"max_side must be >= 16, got {self.max_side}")
+            raise InputError(f"max_side must be >= 16, got {self.max_side}")
+        if self.max_pixels < 1:
+            raise InputError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+            raise InputError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
 
 @dataclass
@@ -95,6 +104,7 @@ class ShardResult:
     skipped: list[dict]
     stats: dict[str, int]
     seconds: float = 0.0  # time this shard took inside its worker
+    inputs: str = ""  # shard_stamp() of the image files it was written from
 
 
 @dataclass
@@ -108,6 +118,10 @@ class ConvertReport:
     write_seconds: float  # wall time of the writing phase, worker start-up included (no indexing)
     worker_seconds: float  # summed time the workers spent on this run's shards: per-worker throughput
     images_written: int  # inputs processed by this run (fewer than all when resuming)
+
+
+class WorkerLostError(UserError):
+    """A worker process ended abruptly (OOM killer, kill -9); the message names the unfinished shards."""
 
 
 # ---------------------------------------------------------------- 1. index
@@ -133,11 +147,19 @@ def index_inputs(inputs: list[Path], opts: ConvertOptions) -> tuple[list[SourceS
     if dupes:
         raise InputError(f"{len(dupes)} sample keys occur more than once, e.g. {dupes[:5]}; keys must be unique")
     samples, caption_skips = _join_captions(samples, opts)
-    if opts.shard_bytes is not None:  # size-based sharding needs the sizes; tars already have them
-        for s in samples:
-            if s.size < 0:
-                s.size = os.stat(s.image).st_size if os.path.exists(s.image) else 0
     return samples, skips + caption_skips
+
+
+def stat_images(samples: list[SourceSample]) -> None:
+    """Fill in the size and mtime of every image file (tar members already have their tar's)."""
+    for s in samples:
+        if s.tar_offset >= 0:
+            continue
+        try:
+            st = os.stat(s.image)
+        except OSError:
+            continue  # a missing file becomes a skip when its shard is written; its stamp stays -1
+        s.size, s.mtime_ns = st.st_size, st.st_mtime_ns
 
 
 def _join_captions(samples: list[SourceSample], opts: ConvertOptions) -> tuple[list[SourceSample], list[Skip]]:
@@ -198,6 +220,14 @@ def plan_fingerprint(tasks: list[ShardTask], opts: ConvertOptions) -> str:
     return h.hexdigest()
 
 
+def shard_stamp(task: ShardTask) -> str:
+    """Size and mtime of the files a shard's images come from: changes when one is replaced or appears."""
+    h = hashlib.sha256()
+    for _, s in task.items:
+        h.update(f"{s.size}:{s.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------- 3. write
 
 _worker: dict = {}  # per-process state: tokenizer, options, progress counter
@@ -220,10 +250,28 @@ def _tokenize(texts: list[str]) -> np.ndarray:
 def write_shard(task: ShardTask) -> ShardResult:
     """Write one shard under temporary names, then rename; `{stem}.done.json` is written last."""
     started = time.perf_counter()
-    opts: ConvertOptions = _worker["opts"]
-    out = opts.out_dir
+    out = _worker["opts"].out_dir
     final = {ext: out / f"{task.stem}{ext}" for ext in (".rec", ".idx", ".texts.jsonl")}
     tmp = {ext: p.with_name(p.name + ".tmp") for ext, p in final.items()}
+    try:
+        count, nbytes, skipped, stats = _write_records(task, tmp)
+    except BaseException:
+        for p in tmp.values():  # no partial files left behind (a full disk most of all)
+            p.unlink(missing_ok=True)
+        raise
+    for ext in final:  # rec, idx, texts: all present before the done marker says so
+        os.replace(tmp[ext], final[ext])
+    seconds = time.perf_counter() - started
+    result = ShardResult(
+        task.stem, count, nbytes, sha256_file(final[".rec"]), skipped, stats, seconds, shard_stamp(task)
+    )
+    write_json_atomic(out / f"{task.stem}.done.json", asdict(result))
+    return result
+
+
+def _write_records(task: ShardTask, tmp: dict[str, Path]) -> tuple[int, int, list[dict], dict[str, int]]:
+    """Every image of the shard decoded, checked and written, or skipped with its reason."""
+    opts: ConvertOptions = _worker["opts"]
     raw_tokens = _tokenize([s.raw_text for _, s in task.items])
     cap_tokens = _tokenize([s.caption or "" for _, s in task.items])
     skipped, stats = [], Counter()
@@ -247,14 +295,7 @@ def write_shard(task: ShardTask) -> ShardResult:
                 _bump(16)
         _bump(len(task.items) % 16)
         writer.close(fsync=True)
-        count, nbytes = writer.count, writer.bytes_written
-    for ext in final:  # rec, idx, texts: all present before the done marker says so
-        os.replace(tmp[ext], final[ext])
-    result = ShardResult(
-        task.stem, count, nbytes, sha256_file(final[".rec"]), skipped, dict(stats), time.perf_counter() - started
-    )
-    write_json_atomic(out / f"{task.stem}.done.json", asdict(result))
-    return result
+        return writer.count, writer.bytes_written, skipped, dict(stats)
 
 
 def _text_entry(key: int, sample: SourceSample, raw: np.ndarray, cap: np.ndarray) -> dict:
@@ -281,21 +322,25 @@ def _bump(n: int) -> None:
 
 
 def convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
-    """Run (or finish) a conversion. Raises InputError on unusable input or when nothing survives."""
+    """Run (or finish) a conversion. Raises InputError on unusable input or when nothing survives,
+    FolderLockedError while another run writes into the folder, WorkerLostError when a worker was killed."""
+    with FolderLock(opts.out_dir, "data2rec"):
+        return _convert(inputs, opts)
+
+
+def _convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
     start = time.perf_counter()
     out = opts.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     samples, index_skips = index_inputs(inputs, opts)
     num_inputs = len(samples) + len(index_skips)
     if not samples:
         _write_skip_report(out, opts.prefix, [asdict(s) for s in index_skips])
         raise InputError(f"none of the {num_inputs} input rows is usable; reasons in {opts.prefix}.skipped.jsonl")
+    stat_images(samples)
     tasks = plan_shards(samples, opts)
     _claim_output(out, opts, plan_fingerprint(tasks, opts), len(tasks))
-    done = {t.stem: _load_done(out / f"{t.stem}.done.json") for t in tasks}
-    todo = [t for t in tasks if done[t.stem] is None]
-    if len(todo) < len(tasks):
-        logger.info("resuming: %d of %d shards already complete", len(tasks) - len(todo), len(tasks))
+    done = _completed_shards(out, tasks)
+    todo = [t for t in tasks if t.stem not in done]
     write_start = time.perf_counter()
     for result in _run_workers(
         todo, opts, total=len(samples), already=sum(len(t.items) for t in tasks) - sum(len(t.items) for t in todo)
@@ -331,23 +376,37 @@ def convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
 
 
 def _claim_output(out: Path, opts: ConvertOptions, fingerprint: str, num_shards: int) -> None:
-    """Refuse to mix two different plans in one folder; --overwrite clears the old one."""
+    """Refuse to mix two different plans in one folder; --overwrite clears the old one and redoes all."""
     plan_path = out / f"{opts.prefix}.plan.json"
-    if plan_path.exists():
-        old = json.loads(plan_path.read_text())
-        if old.get("fingerprint") == fingerprint:
-            return
-        if not opts.overwrite:
-            raise InputError(
-                f"{out} already holds shards '{opts.prefix}-*' from a run with other inputs or options; "
-                "pass --overwrite to replace them, or choose another --out-dir/--prefix"
-            )
-    elif any(out.glob(f"{opts.prefix}-*")) and not opts.overwrite:
-        raise InputError(f"{out} already holds files '{opts.prefix}-*' not made by data2rec; pass --overwrite")
     if opts.overwrite:
         for p in out.glob(f"{opts.prefix}[-.]*"):
             p.unlink()
+    elif plan_path.exists():
+        if json.loads(plan_path.read_text()).get("fingerprint") == fingerprint:
+            return
+        raise InputError(
+            f"{out} already holds shards '{opts.prefix}-*' from a run with other inputs or options; "
+            "pass --overwrite to replace them, or choose another --out-dir/--prefix"
+        )
+    elif any(out.glob(f"{opts.prefix}-*")):
+        raise InputError(f"{out} already holds files '{opts.prefix}-*' not made by data2rec; pass --overwrite")
     write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards, "seed": opts.seed})
+
+
+def _completed_shards(out: Path, tasks: list[ShardTask]) -> dict[str, ShardResult]:
+    """Shards an earlier run of this plan finished, from image files that have not changed since."""
+    done, stale = {}, 0
+    for task in tasks:
+        result = _load_done(out / f"{task.stem}.done.json")
+        if result is not None and result.inputs != shard_stamp(task):
+            stale += 1  # an image was replaced (a bad one fixed?), added or removed: its old skips are stale
+        elif result is not None:
+            done[task.stem] = result
+    if stale:
+        logger.info("redoing %d shard(s) whose image files changed since they were written", stale)
+    if done:
+        logger.info("resuming: %d of %d shards already complete", len(done), len(tasks))
+    return done
 
 
 def _load_done(path: Path) -> ShardResult | None:
@@ -377,22 +436,37 @@ def _run_workers(todo: list[ShardTask], opts: ConvertOptions, total: int, alread
             yield result
         bar.close()
         return
-    with ctx.Pool(min(opts.workers, len(todo)), initializer=_init_worker, initargs=(opts, counter)) as pool:
-        pending = [pool.apply_async(write_shard, (t,)) for t in todo]
+    # ProcessPoolExecutor, not multiprocessing.Pool: when a worker is killed (OOM killer, kill -9),
+    # Pool silently replaces it and waits forever for its shard; the executor raises BrokenProcessPool.
+    pool = ProcessPoolExecutor(
+        min(opts.workers, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(opts, counter)
+    )
+    pending = {pool.submit(write_shard, t): t for t in todo}
+    try:
         while pending:
-            pending[0].wait(0.5)
+            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             bar.update(already + counter.value - bar.n)
-            still = []
-            for p in pending:
-                if p.ready():
-                    result = p.get()  # re-raises a worker's exception here
-                    bar.set_postfix(shard=result.stem, skipped=len(result.skipped), refresh=False)
-                    yield result
-                else:
-                    still.append(p)
-            pending = still
+            for future in finished:
+                result = future.result()  # re-raises a worker's exception here
+                del pending[future]
+                bar.set_postfix(shard=result.stem, skipped=len(result.skipped), refresh=False)
+                yield result
+    except BrokenProcessPool:
+        unfinished = [t.stem for f, t in pending.items() if not (f.done() and f.exception() is None)]
+        raise WorkerLostError(_lost_worker_message(unfinished, len(todo))) from None
+    finally:
+        pool.shutdown(wait=not pending, cancel_futures=True)  # after an error, queued shards are dropped
     bar.update(already + counter.value - bar.n)
     bar.close()
+
+
+def _lost_worker_message(unfinished: list[str], num_todo: int) -> str:
+    names = ", ".join(unfinished[:10]) + (f" and {len(unfinished) - 10} more" if len(unfinished) > 10 else "")
+    return (
+        "a worker process ended abruptly (killed by the out-of-memory killer or a signal, or crashed: see any "
+        f"error above); {len(unfinished)} of the {num_todo} shards of this run are not finished: {names}. "
+        "The finished shards are kept: rerun the same command to resume (with fewer --workers if memory ran out)"
+    )
 
 
 def _reason_kind(reason: str) -> str:
