@@ -31,6 +31,7 @@ from alip.caption.sidecar import (
     part_path,
     read_sidecar,
 )
+from alip.cli import guarded
 from alip.data import schema
 from alip.data.convert import ConvertOptions, convert
 from alip.data.images import decode_image
@@ -336,9 +337,10 @@ def test_missing_model_and_uncached_hub_name_are_clear_errors(photos, tmp_path, 
     cli = _load_cli()
     manifest, img = photos
     argv = [str(manifest), "--image-root", str(img), "--out", str(tmp_path / "c.jsonl"), "--model", "/no/such/dir"]
-    assert cli.main(argv) == 1
+    main = guarded(cli.main)  # as `python tools/caption.py` runs it: a user error is exit status 2
+    assert main(argv) == 2
     assert "error: model folder not found: /no/such/dir" in capsys.readouterr().err
-    assert cli.main([str(manifest), "--out", str(tmp_path / "c.jsonl"), "--merge"]) == 1
+    assert main([str(manifest), "--out", str(tmp_path / "c.jsonl"), "--merge"]) == 2
     assert "nothing to merge" in capsys.readouterr().err
     with pytest.raises(SidecarError, match="nothing to merge"):
         merge_parts([manifest], CaptionOptions(tmp_path / "c.jsonl"))

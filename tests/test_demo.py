@@ -69,4 +69,4 @@ def test_missing_configs_are_named(tmp_path):
 
 def test_bad_input_is_one_clear_error(tmp_path, capsys):
     assert cli(["--noise-rate", "1.5", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
-    assert "alip-demo: error: noise_rate must be in [0, 1]" in capsys.readouterr().err
+    assert "error: noise_rate must be in [0, 1]" in capsys.readouterr().err

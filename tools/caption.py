@@ -13,8 +13,11 @@ The output is a caption sidecar, JSONL (or parquet if --out ends in .parquet): a
 
 The model is any Hugging Face image-to-text model (a local save_pretrained folder, or a hub name;
 default BLIP base). A hub name is downloaded only when the hub is reachable and HF_HUB_OFFLINE is
-unset; otherwise it must be in the Hugging Face cache. GPUs run in bf16 (fp16 where bf16 is not
-supported), CPUs in fp32.
+unset; otherwise it must be in the Hugging Face cache. Reachability is probed in a few seconds
+(ALIP_HUB_PROBE=0 skips the probe). GPUs run in bf16 (fp16 where bf16 is not supported), CPUs in fp32.
+
+A user error (a missing input, a model that cannot be loaded, a sidecar from other settings) is
+one "error: ..." line and exit status 2; --debug or ALIP_DEBUG=1 shows the traceback.
 
 Resumable: every batch is appended to {out}.part{rank}.jsonl and fsynced; rerun the same command
 after an interruption and only the missing samples are captioned. Under torchrun every rank takes
@@ -36,7 +39,7 @@ import sys
 from pathlib import Path
 
 from alip.caption import DEFAULT_MODEL
-from alip.data.sources import InputError
+from alip.cli import add_debug_flag, guarded
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--overwrite", action="store_true", help="delete earlier captions in --out instead of resuming")
     r.add_argument("--merge", action="store_true", help="only merge the part files of a finished run (no model)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug_flag(r)
     return p.parse_args(argv)
 
 
@@ -77,43 +81,39 @@ def main(argv=None) -> int:
     logging.getLogger("alip").setLevel(logging.INFO)
     import torch  # after argument parsing: --help stays fast
 
-    from alip.caption.captioner import Captioner, DecodeSettings, ModelLoadError
+    from alip.caption.captioner import Captioner, DecodeSettings
     from alip.caption.run import CaptionOptions, caption_inputs, merge_parts
     from alip.distributed import init_distributed
 
-    try:
-        opts = CaptionOptions(
-            output=args.out,
-            image_root=args.image_root,
-            image_col=args.image_col,
-            key_col=args.key_col,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            max_pixels=args.max_pixels,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-        if args.merge:
-            report = merge_parts(args.inputs, opts)
-            print(f"{report.path}: {report.num_samples} samples, {report.num_failed} failed {report.failures or ''}")
-            return 0
-        settings = DecodeSettings(
-            prompt=args.prompt,
-            num_beams=args.num_beams,
-            max_length=args.max_length,
-            min_length=args.min_length,
-            repetition_penalty=args.repetition_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram,
-            strip_prompt=not args.keep_prompt,
-        )
-        # a long timeout: the last barrier waits for the slowest rank's slice
-        env = init_distributed(timeout_s=3 * 3600)
-        device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        captioner = Captioner.from_pretrained(args.model, settings, device=device, dtype=args.dtype)
-        report = caption_inputs(args.inputs, captioner, opts)
-    except (InputError, ModelLoadError, ValueError) as e:  # SidecarError is an InputError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    opts = CaptionOptions(
+        output=args.out,
+        image_root=args.image_root,
+        image_col=args.image_col,
+        key_col=args.key_col,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        max_pixels=args.max_pixels,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    if args.merge:
+        report = merge_parts(args.inputs, opts)
+        print(f"{report.path}: {report.num_samples} samples, {report.num_failed} failed {report.failures or ''}")
+        return 0
+    settings = DecodeSettings(
+        prompt=args.prompt,
+        num_beams=args.num_beams,
+        max_length=args.max_length,
+        min_length=args.min_length,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram,
+        strip_prompt=not args.keep_prompt,
+    )
+    # a long timeout: the last barrier waits for the slowest rank's slice
+    env = init_distributed(timeout_s=3 * 3600)
+    device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    captioner = Captioner.from_pretrained(args.model, settings, device=device, dtype=args.dtype)
+    report = caption_inputs(args.inputs, captioner, opts)
     if report.merged is not None:
         m = report.merged
         print(
@@ -127,4 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main)())

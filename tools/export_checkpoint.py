@@ -8,6 +8,9 @@ open_clip checkpoints, our training checkpoints. The output loads unchanged with
 
 Example:
     python tools/export_checkpoint.py --model ViT-B-32 ALIP_YFCC15M_B32.pt alip_b32.safetensors
+
+A user error (a missing or unreadable checkpoint, one that does not fit --model) is one
+"error: ..." line and exit status 2; --debug or ALIP_DEBUG=1 shows the traceback.
 """
 
 import argparse
@@ -17,6 +20,9 @@ import sys
 from pathlib import Path
 
 import alip
+from alip.cli import add_debug_flag, guarded
+
+OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # what alip.export_model writes
 
 
 def main(argv=None) -> int:
@@ -24,19 +30,18 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", type=Path, help="input checkpoint (.pt/.pth/.bin/.safetensors)")
     parser.add_argument("output", type=Path, help="output file: .safetensors, or .pt/.pth/.bin for torch.save")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture name (default: ViT-B-32)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.output.suffix not in OUTPUT_SUFFIXES:  # before a model is built for nothing
+        parser.error(f"the output must end in {', '.join(OUTPUT_SUFFIXES)}, got {args.output.name}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        model, _, _ = alip.create_model(args.model)
-        fmt = alip.load_checkpoint(model, args.checkpoint)
-        out = alip.export_model(model, args.output, metadata={"architecture": args.model})
-    except (alip.CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    model, _, _ = alip.create_model(args.model)
+    fmt = alip.load_checkpoint(model, args.checkpoint)
+    out = alip.export_model(model, args.output, metadata={"architecture": args.model})
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     print(f"read {args.checkpoint} ({fmt} format) -> wrote {out} (sha256 {digest})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main)())

@@ -5,25 +5,38 @@ vision-encoder-decoder, ...); the default is BLIP base, the closest model in tra
 OFA-base captioner the ALIP paper used. A model is loaded from a local folder, or by hub name. A
 hub name is only downloaded when the machine can reach the hub and HF_HUB_OFFLINE is not set;
 otherwise it must already be in the local Hugging Face cache.
+
+Whether the hub can be reached is probed first (`hub_reachable`: one TCP connection, a few
+seconds), because on a machine without network huggingface_hub retries every file for minutes
+before it gives up. An unreachable hub means loading from the cache only, as HF_HUB_OFFLINE=1
+would. ALIP_HUB_PROBE=0 skips the probe (e.g. where only an HTTP proxy the probe does not know
+about reaches the hub).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from alip.caption import DEFAULT_MODEL
+from alip.cli import UserError
+from alip.data.sources import InputError
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The captioning model cannot be loaded: a missing folder, not cached while offline, not image-to-text."""
 
 
@@ -46,13 +59,13 @@ class DecodeSettings:
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+            raise InputError(f"num_beams must be >= 1, got {self.num_beams}")
         if not 0 <= self.min_length <= self.max_length or self.max_length < 1:
-            raise ValueError(f"need 0 <= min_length <= max_length and max_length >= 1, got {self}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InputError(f"need 0 <= min_length <= max_length and max_length >= 1, got {self}")
+        if not self.repetition_penalty > 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+            raise InputError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -62,7 +75,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+        raise InputError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -75,8 +88,43 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device):
-    """(model, processor) in eval mode on `device`. Raises ModelLoadError with what to do about it."""
+def hub_address() -> tuple[str, int]:
+    """(host, port) the first connection to the hub goes to: the HTTPS proxy if one is set, else
+    HF_ENDPOINT's host (default huggingface.co)."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
+    url = urlparse(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub (`hub_address`) opens within `timeout` seconds.
+
+    The connection runs in a thread joined with the timeout, because a name lookup that hangs is
+    not bounded by the socket's own timeout. ALIP_HUB_PROBE=0 skips the probe (says reachable).
+    """
+    if os.environ.get("ALIP_HUB_PROBE", "").strip() == "0":
+        return True
+    opened = threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection(hub_address(), timeout=timeout).close()
+            opened.set()
+        except OSError:
+            pass
+
+    threading.Thread(target=connect, daemon=True).start()
+    return opened.wait(timeout)
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype, device: torch.device, hub_probe: Callable[[], bool] = hub_reachable
+):
+    """(model, processor) in eval mode on `device`. Raises ModelLoadError with what to do about it.
+
+    A hub name is looked up in the local cache only when HF_HUB_OFFLINE is set or `hub_probe()`
+    says the hub cannot be reached.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(name_or_path).expanduser()
@@ -88,23 +136,32 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device):
     if not local and _looks_like_path(name_or_path):
         raise ModelLoadError(f"model folder not found: {name_or_path}")
     offline = _hub_offline()
+    unreachable = not local and not offline and not hub_probe()
     # local_files_only makes an uncached hub name fail fast instead of trying the network when offline
-    kwargs = {"local_files_only": local or offline}
+    kwargs = {"local_files_only": local or offline or unreachable}
     try:
         processor = AutoProcessor.from_pretrained(str(path) if local else name_or_path, **kwargs)
         model = AutoModelForImageTextToText.from_pretrained(str(path) if local else name_or_path, dtype=dtype, **kwargs)
     except OSError as e:
         if local:
             raise ModelLoadError(f"cannot load the model in {path}: {e}") from None
-        hint = (
-            "HF_HUB_OFFLINE is set, so nothing is downloaded: fetch it on a machine with internet "
-            f"(huggingface-cli download {name_or_path}) and copy the cache or folder here, or pass a local folder"
-            if offline
-            else "check the name, the network and your Hugging Face credentials, or pass a local folder"
+        fetch = (
+            f"fetch it on a machine with internet (huggingface-cli download {name_or_path}) and copy the "
+            "cache or folder here, or pass a local folder"
         )
+        if offline:
+            hint = f"HF_HUB_OFFLINE is set, so nothing is downloaded: {fetch}"
+        elif unreachable:
+            host, port = hub_address()
+            hint = f"the hub ({host}:{port}) cannot be reached from this machine and it is not cached: {fetch}"
+        else:
+            hint = "check the name, the network and your Hugging Face credentials, or pass a local folder"
         raise ModelLoadError(f"cannot load model {name_or_path!r} from the hub or the local cache: {hint}") from None
     except ValueError as e:  # e.g. a text-only model: no image-text-to-text class for its config
         raise ModelLoadError(f"{name_or_path} is not an image-to-text model transformers can load: {e}") from None
+    if unreachable:
+        host, port = hub_address()
+        logger.warning("the hub (%s:%d) cannot be reached: loaded %s from the local cache", host, port, name_or_path)
     return model.to(device).eval(), processor
 
 
@@ -125,10 +182,15 @@ class Captioner:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str = DEFAULT_MODEL, settings: DecodeSettings | None = None, device="cpu", dtype="auto"
+        cls,
+        name_or_path: str = DEFAULT_MODEL,
+        settings: DecodeSettings | None = None,
+        device="cpu",
+        dtype="auto",
+        hub_probe: Callable[[], bool] = hub_reachable,
     ) -> Captioner:
         device = torch.device(device)
-        model, processor = load_model(name_or_path, resolve_dtype(dtype, device), device)
+        model, processor = load_model(name_or_path, resolve_dtype(dtype, device), device, hub_probe)
         return cls(model, processor, settings or DecodeSettings(), name_or_path)
 
     @property

@@ -61,11 +61,11 @@ class CaptionOptions:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+            raise InputError(f"workers must be >= 0, got {self.workers}")
         if self.output.suffix not in (".jsonl", ".parquet"):
-            raise ValueError(f"the sidecar must end in .jsonl or .parquet, got {self.output}")
+            raise InputError(f"the sidecar must end in .jsonl or .parquet, got {self.output}")
 
 
 @dataclass

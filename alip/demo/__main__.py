@@ -31,6 +31,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from alip.cli import UserError, add_debug_flag, guarded
+
 logger = logging.getLogger("alip.demo")
 
 RUNS = ("clip", "alip_nogates", "alip")  # the config files configs/demo/<name>.yaml, in this order
@@ -43,6 +45,14 @@ METRICS = {  # summary name -> (eval task, results key)
 # The quick mode of the tests and CI: the same stages on a few hundred pairs and a few steps.
 ECHO = re.compile(r"alip\.train: (step \d+/|step \d+ eval|resumed|exported)|Error|Traceback")
 QUICK = {"num_train": 256, "num_zeroshot_per_class": 1, "steps": 6, "batch_size": 32, "eval_every": 3}
+
+
+class StageFailed(RuntimeError):
+    """A stage that runs in its own process failed; the message carries the end of its log."""
+
+
+class DemoOptionError(UserError, ValueError):
+    """A command-line value the demo cannot run with."""
 
 
 def repo_configs() -> Path:
@@ -66,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="data2rec worker processes (default 2)")
     p.add_argument("--quick", action="store_true", help="a few steps on a few hundred pairs (tests, CI)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_flag(p)
     return p
 
 
@@ -109,7 +120,7 @@ def _run_training(name: str, config: Path, overrides: list[str], run_dir: Path) 
         proc.wait()
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
-        raise RuntimeError(
+        raise StageFailed(
             f"training {name} failed (exit {proc.returncode}); end of {run_dir / 'train.log'}:\n" + "\n".join(tail)
         )
     (run_dir / "demo_overrides.json").write_text(json.dumps(overrides))
@@ -197,12 +208,15 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"demo config(s) not found: {', '.join(missing)}; pass --configs <folder>")
     quick = QUICK if args.quick else {}
-    spec = DemoSpec(
-        seed=args.seed,
-        num_train=args.num_train or quick.get("num_train", DemoSpec.num_train),
-        num_zeroshot_per_class=quick.get("num_zeroshot_per_class", DemoSpec.num_zeroshot_per_class),
-        noise_rate=args.noise_rate,
-    )
+    try:
+        spec = DemoSpec(
+            seed=args.seed,
+            num_train=args.num_train or quick.get("num_train", DemoSpec.num_train),
+            num_zeroshot_per_class=quick.get("num_zeroshot_per_class", DemoSpec.num_zeroshot_per_class),
+            noise_rate=args.noise_rate,
+        )
+    except ValueError as e:  # DemoSpec checks values that come straight from the command line
+        raise DemoOptionError(str(e)) from None
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -268,17 +282,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return run_demo(args)
 
 
+@guarded
 def cli(argv: list[str] | None = None) -> int:
-    """Command-line entry (`alip-demo`, `python -m alip.demo`): a bad input or a failed stage is one
-    clear message and exit status 2 or 1, not a traceback."""
-    from alip.data.sources import InputError
-
+    """Command-line entry (`alip-demo`, `python -m alip.demo`): a user error is one `error: ...` line
+    and exit status 2 (alip.cli); a failed training stage prints the end of its log and exits 1."""
     try:
         main(argv)
-    except (ValueError, FileExistsError, FileNotFoundError, InputError) as e:
-        print(f"alip-demo: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # a training that failed: the message carries the end of its log
+    except StageFailed as e:
         print(f"alip-demo: {e}", file=sys.stderr)
         return 1
     return 0
