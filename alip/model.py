@@ -147,7 +147,7 @@ class BiPathCLIP(nn.Module):
         }
 
 
-def is_safetensors(path: Path) -> bool:
+def _is_safetensors(path: Path) -> bool:
     """By content, whatever the name: an 8-byte little-endian header length, then the JSON header."""
     with open(path, "rb") as f:
         head = f.read(9)
@@ -186,7 +186,7 @@ def read_checkpoint(path: str | Path) -> Any:
     path = Path(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
-    if path.suffix == ".safetensors" or is_safetensors(path):
+    if path.suffix == ".safetensors" or _is_safetensors(path):
         return _read_safetensors(path)
     with open(path, "rb") as f:
         magic = f.read(4)

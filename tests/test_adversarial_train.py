@@ -20,12 +20,13 @@ from test_train import TINY, overrides, read_losses
 
 import alip
 from alip.cli import UserError
-from alip.config import Config, ConfigError, load_config
+from alip.config import Config, ConfigError, load_config, to_dict
 from alip.files import FolderLock, FolderLockedError
 from alip.model import MODEL_CONFIG_DIR
 from alip.train import checkpoint as ckpt
 from alip.train.__main__ import main as train_main
 from alip.train.optim import build_optimizer, build_scheduler
+from alip.train.resume import check_resume, config_changes
 from alip.train.run import train
 
 
@@ -179,6 +180,21 @@ def test_a_change_that_cannot_apply_is_refused_before_config_yaml_is_written(sha
     assert "train.batch_size 8 -> 16" in message and "loss.power 2.0 -> 3.0" in message
     assert "train.max_steps" not in message  # applicable: not part of the refusal
     assert snapshot(out) == before  # config.yaml included
+
+
+def test_switching_to_fp16_on_resume_starts_a_loss_scaler(shards, tmp_path):
+    run(shards, tmp_path / "a", "train.max_steps=2")  # fp32: the checkpoint has no scaler state
+    trainer = run(shards, tmp_path / "a", "train.max_steps=3", "train.precision=fp16", resume="latest")
+    assert trainer.scaler.is_enabled() and read_losses(tmp_path / "a")[-1]["step"] == 3
+
+
+def test_another_world_size_is_refused_and_a_since_added_option_counts_as_its_default():
+    cfg = load_config(TINY, ["data.train=x"])
+    saved = to_dict(cfg)
+    del saved["model"]["text_trim"]  # a checkpoint written before the option existed
+    assert config_changes(saved, cfg) == []
+    with pytest.raises(UserError, match="written by 2 ranks, this run has 1"):
+        check_resume({"world_size": 2, "config": saved}, cfg, world_size=1)
 
 
 # ----- item 4: checkpoints that exist are never ignored, and never overwritten ------------------------

@@ -40,10 +40,11 @@ APPLIED = (
     "log.",
     "eval.",
 )
-# Refused, everything else: the model (model.pretrained only sets starting weights, which the
-# checkpoint replaces), the objective (loss.*: its terms, gates and EMA semantics), and the data and
-# its order (data.train, loader, image size, augmentation, shuffle buffer, train.batch_size, seed):
-# the checkpoint's weights, EMAs and loader position only mean something with the values they had.
+# Refused, everything else, and an option added later until it is listed here: the model
+# (model.pretrained only sets starting weights, which the checkpoint replaces), the objective
+# (loss.*: its terms, gates and EMA semantics), and the data and its order (data.train, loader,
+# image size, augmentation, shuffle buffer, train.batch_size, seed): the checkpoint's weights,
+# EMAs and loader position only mean something with the values they had.
 
 
 def applies_on_resume(key: str) -> bool:
@@ -59,9 +60,13 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
-    """`key old -> new` for every option whose value differs from the checkpoint's."""
-    old, new = dict(_flat(saved)), dict(_flat(to_dict(cfg)))
-    missing = "(absent)"
+    """`key old -> new` for every option whose value differs from the checkpoint's.
+
+    An option added since the checkpoint was written counts as its default there: a new option's
+    default keeps the behaviour of the code before it."""
+    old = {**dict(_flat(to_dict(Config()))), **dict(_flat(saved))}
+    new = dict(_flat(to_dict(cfg)))
+    missing = "(absent)"  # an option the code no longer has
     return [
         f"{key} {json.dumps(old.get(key, missing))} -> {json.dumps(new.get(key, missing))}"
         for key in sorted(old.keys() | new.keys())
