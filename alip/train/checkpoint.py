@@ -174,8 +174,8 @@ def find_resumable(directory: str | Path) -> Path | None:
         logger.warning("passing over incomplete or corrupt checkpoint %s: %s", path, problem)
     if found:
         raise CheckpointError(
-            f"{len(found)} checkpoints found, none usable: {', '.join(reasons)}. Resume one by path if you "
-            f"trust it, or move them away to start afresh in {directory}"
+            f"{len(found)} checkpoints found, none usable: {', '.join(reasons)}. To start afresh, move them "
+            f"out of {directory} or choose another output_dir"
         )
     return None
 
@@ -217,8 +217,8 @@ def claim_directory(directory: str | Path, start: Path | None) -> None:
     existing = list_checkpoints(directory)
     if start is None and existing:
         raise CheckpointError(
-            f"{directory} already holds {len(existing)} checkpoints (newest {existing[-1].name}): continue "
-            "that run with --resume latest, or choose another output_dir"
+            f"{directory} already holds checkpoints (newest {existing[-1].name}): continue that run with "
+            "--resume latest, or choose another output_dir"
         )
     if start is None or start.resolve().parent != directory.resolve():
         if existing:
