@@ -162,9 +162,11 @@ def test_resume_with_a_changed_lr_follows_the_new_schedule_and_says_so(shards, t
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["optim"]["lr"] == 5e-4
 
 
-def test_resume_continues_from_the_checkpoint_and_applies_the_new_lr_from_then_on(shards, tmp_path):
+def test_resume_continues_from_the_checkpoint_and_applies_the_new_lr_from_then_on(shards, tmp_path, caplog):
     run(shards, tmp_path / "a", "train.max_steps=2")
-    trainer = run(shards, tmp_path / "a", "train.max_steps=3", "optim.lr=5e-4", resume="latest")
+    with caplog.at_level("WARNING"):
+        trainer = run(shards, tmp_path / "a", "train.max_steps=3", "optim.lr=5e-4", resume="latest")
+    assert "initialized randomly" not in caplog.text  # the checkpoint's weights are loaded
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [5e-4, 5e-4]  # constant schedule
     assert ckpt.load_state(tmp_path / "a" / "checkpoints" / "step-00000003.pt")["config"]["optim"]["lr"] == 5e-4
     assert [r["step"] for r in read_losses(tmp_path / "a")] == [1, 2, 3]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -19,6 +20,7 @@ from alip.cli import USER_ERRORS
 from alip.config import Config, ConfigError, RunShape, save_config, validate
 from alip.distributed import DistEnv, get_rank, init_distributed, read_env
 from alip.files import FolderLock
+from alip.model import quiet_random_init
 from alip.train.checkpoint import checkpoint_dir, claim_directory, load_training_state, resolve_resume
 from alip.train.resume import check_resume
 from alip.train.trainer import Trainer
@@ -121,7 +123,9 @@ def prepare(cfg: Config, shape: RunShape, run_dir: Path, resume: str | None, dev
     state = load_training_state(start) if start is not None else None
     if state is not None:
         check_resume(state, cfg, shape.world_size)
-    trainer = Trainer(cfg, shape, run_dir, device)
+    # open_clip's "initialized randomly" would mislead where the checkpoint's weights are loaded right after
+    with quiet_random_init() if state is not None else contextlib.nullcontext():
+        trainer = Trainer(cfg, shape, run_dir, device)
     if state is not None:
         trainer.load_state_dict(state)
         logger.info("resumed from %s at step %d", start, trainer.state.step)
