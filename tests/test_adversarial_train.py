@@ -164,6 +164,7 @@ def test_resume_with_a_changed_lr_follows_the_new_schedule_and_says_so(shards, t
 
 def test_resume_continues_from_the_checkpoint_and_applies_the_new_lr_from_then_on(shards, tmp_path, caplog):
     run(shards, tmp_path / "a", "train.max_steps=2")
+    caplog.clear()
     with caplog.at_level("WARNING"):
         trainer = run(shards, tmp_path / "a", "train.max_steps=3", "optim.lr=5e-4", resume="latest")
     assert "initialized randomly" not in caplog.text  # the checkpoint's weights are loaded
