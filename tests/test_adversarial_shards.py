@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from alip.data import schema
-from alip.data.loader_config import LoaderConfig, deep_check_shard, prepare_shards
+from alip.data.loader_config import LoaderConfig, prepare_shards
 from alip.data.recordio import IR_SIZE, RecordIOError, read_idx
 from alip.data.torch_loader import TorchLoader
 
@@ -121,7 +121,7 @@ def test_deep_check_lists_every_damaged_record_and_verifies_checksums(shards, tm
         for key, at, value in ((14, label_at(2), np.nan), (15, label_at(0), 5.0)):
             f.seek(dict(read_idx(rec.with_suffix(".idx")))[key] + 8 + at)
             f.write(np.float32(value).tobytes())
-    found = deep_check_shard(schema.resolve_shards(meta)[1])
+    found = schema.deep_check_shard(schema.resolve_shards(meta)[1])
     assert found.checksum == "mismatch" and found.num_problems == 4
     assert found.problems[0].startswith(f"{rec}: sha256 ") and "the meta JSON says" in found.problems[0]
     assert found.problems[1:] == [

@@ -40,7 +40,6 @@ from PIL import Image
 
 from alip.cli import add_debug_flag, guarded
 from alip.data import schema
-from alip.data.loader_config import deep_check_shard
 from alip.data.recordio import RecordIOError, RecordIOReader, check_shard
 
 CHECK_FAILED = 1  # a damaged shard: distinct from a usage error (alip.cli.USER_ERROR_STATUS, 2)
@@ -62,7 +61,7 @@ def describe_image(jpeg: bytes) -> str:
 
 
 def _deep_lines(shard: schema.ShardInfo) -> tuple[int | None, list[str]]:
-    found = deep_check_shard(shard)
+    found = schema.deep_check_shard(shard)
     checked = found.shard
     head = f"{checked.rec_path}: {checked.num_records} records, {checked.num_bytes} bytes, checksum {found.checksum}"
     if not found.num_problems:
@@ -99,10 +98,14 @@ def check(shards: list[schema.ShardInfo], deep: bool, workers: int) -> int:
     return CHECK_FAILED if failed else 0
 
 
-def show(shards: list[schema.ShardInfo], count: int, dump: Path | None) -> None:
-    import alip  # the tokenizer pulls in open_clip: only when records are decoded
+@functools.cache
+def clip_tokenizer():
+    import alip  # pulls in open_clip and torch: only once a record is decoded
 
-    tokenizer = alip.get_tokenizer("ViT-B-32")
+    return alip.get_tokenizer("ViT-B-32")
+
+
+def show(shards: list[schema.ShardInfo], count: int, dump: Path | None) -> None:
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
     shown = 0
@@ -114,7 +117,10 @@ def show(shards: list[schema.ShardInfo], count: int, dump: Path | None) -> None:
                 key, label, jpeg = schema.split_record(reader.read_at(offset, f"record key {key_in_idx}"))
                 try:
                     raw, caption = schema.decode_label(label)
-                    raw_text, caption_text = decode_tokens(tokenizer, raw), decode_tokens(tokenizer, caption)
+                    raw_text, caption_text = (
+                        decode_tokens(clip_tokenizer(), raw),
+                        decode_tokens(clip_tokenizer(), caption),
+                    )
                 except schema.TokenError as e:  # show the damage and go on: this is an inspection tool
                     raw_text = caption_text = f"<damaged label: {e}>"
                 print(f"[{shown}] key {key} ({Path(shard.rec).name} @ {offset}): {describe_image(jpeg)}")

@@ -104,17 +104,20 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """
     if os.environ.get("ALIP_HUB_PROBE", "").strip() == "0":
         return True
-    opened = threading.Event()
+    opened: list[bool] = []
+    done = threading.Event()
 
     def connect() -> None:
         try:
             socket.create_connection(hub_address(), timeout=timeout).close()
-            opened.set()
+            opened.append(True)
         except OSError:
             pass
+        finally:
+            done.set()
 
     threading.Thread(target=connect, daemon=True).start()
-    return opened.wait(timeout)
+    return done.wait(timeout) and bool(opened)
 
 
 def load_model(

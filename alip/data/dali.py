@@ -43,13 +43,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from alip.data import schema
-from alip.data.loader_config import (
-    DEEP_CHECK_HINT,
-    LoaderConfig,
-    check_loader_state,
-    place_loader,
-    steps_per_epoch,
-)
+from alip.data.loader_config import LoaderConfig, check_loader_state, place_loader, steps_per_epoch
 from alip.data.recordio import RecordIOError, ShardCheck, read_idx
 
 logger = logging.getLogger(__name__)
@@ -252,7 +246,7 @@ class DaliLoader:
             more = f" and {len(shards) - _NAMED_SHARDS} more" if len(shards) > _NAMED_SHARDS else ""
             raise RecordIOError(
                 f"DALI could not read or decode a record in epoch {self.epoch}, step {self.step} of rank "
-                f"{self.rank}, from one of {named}{more}: {_dali_error(e)}; {DEEP_CHECK_HINT}"
+                f"{self.rank}, from one of {named}{more}: {_dali_error(e)}; {schema.DEEP_CHECK_HINT}"
             ) from e
 
     def _epoch_shards(self) -> list[ShardCheck]:
@@ -279,7 +273,7 @@ class DaliLoader:
         try:
             text, caption = schema.decode_label(labels.numpy())  # [B, 77] int64 each
         except schema.TokenError as e:
-            raise RecordIOError(f"{self._record_at(sources[e.row])}: {e}; {DEEP_CHECK_HINT}") from None
+            raise RecordIOError(f"{self._record_at(sources[e.row])}: {e}; {schema.DEEP_CHECK_HINT}") from None
         return {
             "image": images.to(self.device, non_blocking=True),  # [B, 3, H, W] float32
             "text": torch.from_numpy(text).to(self.device, non_blocking=True),  # [B, 77]

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from alip.data import schema
-from alip.data.recordio import RecordIOError, RecordIOReader, ShardCheck, check_shard
+from alip.data.recordio import RecordIOError, ShardCheck, check_shard
 from alip.distributed import read_env
-from alip.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class LoaderConfig:
     preflight: check every shard's framing and record count before reading (alip.data.recordio.check_shard).
         Reads only the 8-byte record headers; switch off only for datasets already checked with
         `tools/inspect_rec.py --check`.
-    deep_check: also run the deep check at start (`deep_check_shard`: checksums against the meta
+    deep_check: also run the deep check at start (`schema.deep_check_shard`: checksums against the meta
         JSON, every label, every image decoded). Reads and decodes the whole dataset, on every
         rank: for small datasets, or once after copying; `tools/inspect_rec.py --check --deep`
         does the same in parallel, outside training.
@@ -129,72 +128,12 @@ def _positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-DEEP_CHECK_HINT = "run tools/inspect_rec.py --check --deep on the shards to list every damaged record"
-
-
-@dataclass
-class DeepCheck:
-    """What the deep check found in one shard: `problems` holds the first few of `num_problems`."""
-
-    shard: ShardCheck
-    checksum: str  # "verified", "mismatch", or why there was nothing to verify
-    problems: list[str] = field(default_factory=list)
-    num_problems: int = 0
-
-    def add(self, problem: str, keep: int) -> None:
-        self.num_problems += 1
-        if len(self.problems) < keep:
-            self.problems.append(problem)
-
-
-def _checksum_mismatch(info: schema.ShardInfo, size: int) -> str | None:
-    """None when the .rec matches the meta JSON's size and sha256, else what differs."""
-    if info.bytes is not None and size != info.bytes:
-        return f"{size} bytes, but the meta JSON says {info.bytes}"
-    digest = sha256_file(info.rec)
-    if digest != info.sha256:
-        return f"sha256 {digest}, but the meta JSON says {info.sha256}: the file changed after it was written"
-    return None
-
-
-def deep_check_shard(info: schema.ShardInfo, keep: int = 10) -> DeepCheck:
-    """Everything the start-up preflight leaves out, for one shard: its sha256 and size against the
-    meta JSON, every label (`schema.label_faults`) and every image, fully decoded as data2rec did
-    before writing it (alip.data.images.open_image). Reads the whole shard.
-
-    Framing faults raise RecordIOError (`check_shard` runs first); content faults are counted,
-    the first `keep` kept with their record keys.
-    """
-    from alip.data.images import BadImage, open_image  # PIL: only the deep check decodes
-
-    shard = check_shard(info.rec, info.idx, schema.LABEL_LENGTH, info.records)
-    if info.sha256 is None:
-        result = DeepCheck(shard, "not verified: no checksum (no meta JSON, or none in it)")
-    else:
-        result = DeepCheck(shard, "verified")
-        mismatch = _checksum_mismatch(info, shard.num_bytes)
-        if mismatch is not None:
-            result.checksum = "mismatch"
-            result.add(f"{shard.rec_path}: {mismatch}", keep)
-    with RecordIOReader(shard.rec_path, shard.idx_path) as reader:
-        for key, record in reader:
-            where = f"{shard.rec_path}: record key {key}"
-            _, label, image = schema.split_record(record)
-            for fault in schema.label_faults(label):
-                result.add(f"{where}: {fault}", keep)
-            try:
-                open_image(image)
-            except BadImage as e:
-                result.add(f"{where}: {e}", keep)
-    return result
-
-
 def _deep_checked(info: schema.ShardInfo) -> ShardCheck:
-    found = deep_check_shard(info, keep=1)
+    found = schema.deep_check_shard(info, keep=1)
     if found.num_problems:
         raise RecordIOError(
             f"deep check: {found.num_problems} problem(s) in {found.shard.rec_path}, the first: "
-            f"{found.problems[0]}; {DEEP_CHECK_HINT}"
+            f"{found.problems[0]}; {schema.DEEP_CHECK_HINT}"
         )
     return found.shard
 
@@ -204,7 +143,7 @@ def prepare_shards(spec: str | Path | list[str | Path], preflight: bool = True, 
 
     With `preflight`, each shard goes through `check_shard` (framing, .idx/.rec agreement, the
     record count from the meta JSON, the 154-float label), so a bad shard fails here with the file
-    and record named instead of inside a DALI worker thread. `deep` runs `deep_check_shard` instead
+    and record named instead of inside a DALI worker thread. `deep` runs `schema.deep_check_shard` instead
     (the preflight plus checksums, every label, every image decoded: it reads everything). Shards
     without records are dropped (DALI's RecordIO index cannot represent an empty file between two
     others). Raises FileNotFoundError / ValueError / RecordIOError.

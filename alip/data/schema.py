@@ -7,6 +7,10 @@ single `.rec` reads the same way as our shards.
 
 Shards are `{prefix}-{k:05d}.rec/.idx`; `{prefix}.meta.json` beside them names the shards with
 their record counts and checksums, the tokenizer, the layout and where the data came from.
+
+`deep_check_shard` checks a shard against both: its checksum against the meta JSON, every label
+against the layout (token ids, start and end tokens), every image by decoding it. It reads the
+whole shard, so the loaders run it only on request; `tools/inspect_rec.py --check --deep` runs it.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from alip.data.recordio import IRHeader, RecordIOError, pack, unpack
-from alip.files import write_json_atomic
+from alip.data.recordio import IRHeader, RecordIOError, RecordIOReader, ShardCheck, check_shard, pack, unpack
+from alip.files import sha256_file, write_json_atomic
 
 CONTEXT_LENGTH = 77
 LABEL_LENGTH = 2 * CONTEXT_LENGTH
@@ -246,3 +250,67 @@ def resolve_shards(spec: str | Path | list[str | Path]) -> list[ShardInfo]:
                 raise FileNotFoundError(f"shard file missing: {p}")
         out.append(ShardInfo(str(rec_path.resolve()), str(idx_path.resolve())))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The deep check: what the loaders' start-up preflight (recordio.check_shard) leaves out
+
+
+DEEP_CHECK_HINT = "run tools/inspect_rec.py --check --deep on the shards to list every damaged record"
+
+
+@dataclass
+class DeepCheck:
+    """What the deep check found in one shard: `problems` holds the first few of `num_problems`."""
+
+    shard: ShardCheck
+    checksum: str  # "verified", "mismatch", or why there was nothing to verify
+    problems: list[str] = field(default_factory=list)
+    num_problems: int = 0
+
+    def add(self, problem: str, keep: int) -> None:
+        self.num_problems += 1
+        if len(self.problems) < keep:
+            self.problems.append(problem)
+
+
+def _checksum_mismatch(info: ShardInfo, size: int) -> str | None:
+    """None when the .rec matches the meta JSON's size and sha256, else what differs."""
+    if info.bytes is not None and size != info.bytes:
+        return f"{size} bytes, but the meta JSON says {info.bytes}"
+    digest = sha256_file(info.rec)
+    if digest != info.sha256:
+        return f"sha256 {digest}, but the meta JSON says {info.sha256}: the file changed after it was written"
+    return None
+
+
+def deep_check_shard(info: ShardInfo, keep: int = 10) -> DeepCheck:
+    """Everything the start-up preflight leaves out, for one shard: its sha256 and size against the
+    meta JSON, every label (`label_faults`) and every image, fully decoded as data2rec did
+    before writing it (alip.data.images.open_image). Reads the whole shard.
+
+    Framing faults raise RecordIOError (`check_shard` runs first); content faults are counted,
+    the first `keep` kept with their record keys.
+    """
+    from alip.data.images import BadImage, open_image  # PIL: only the deep check decodes
+
+    shard = check_shard(info.rec, info.idx, LABEL_LENGTH, info.records)
+    if info.sha256 is None:
+        result = DeepCheck(shard, "not verified: no checksum (no meta JSON, or none in it)")
+    else:
+        result = DeepCheck(shard, "verified")
+        mismatch = _checksum_mismatch(info, shard.num_bytes)
+        if mismatch is not None:
+            result.checksum = "mismatch"
+            result.add(f"{shard.rec_path}: {mismatch}", keep)
+    with RecordIOReader(shard.rec_path, shard.idx_path) as reader:
+        for key, record in reader:
+            where = f"{shard.rec_path}: record key {key}"
+            _, label, image = split_record(record)
+            for fault in label_faults(label):
+                result.add(f"{where}: {fault}", keep)
+            try:
+                open_image(image)
+            except BadImage as e:
+                result.add(f"{where}: {e}", keep)
+    return result

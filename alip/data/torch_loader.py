@@ -32,13 +32,7 @@ from torchvision import transforms as T
 
 from alip.data import schema
 from alip.data.images import BadImage, open_image
-from alip.data.loader_config import (
-    DEEP_CHECK_HINT,
-    LoaderConfig,
-    check_loader_state,
-    place_loader,
-    steps_per_epoch,
-)
+from alip.data.loader_config import LoaderConfig, check_loader_state, place_loader, steps_per_epoch
 from alip.data.recordio import RecordIOError, RecordIOReader, ShardCheck, read_idx
 
 logger = logging.getLogger(__name__)
@@ -115,9 +109,9 @@ class RecordDataset(Dataset):
             key, raw, caption, jpeg = schema.parse_record(record)
             image = open_image(jpeg).convert("RGB")  # grayscale and CMYK JPEGs too
         except RecordIOError as e:
-            raise RecordIOError(f"{rec_path}: {e}; {DEEP_CHECK_HINT}") from None
+            raise RecordIOError(f"{rec_path}: {e}; {schema.DEEP_CHECK_HINT}") from None
         except BadImage as e:
-            raise RecordIOError(f"{rec_path}: record key {key}: {e}; {DEEP_CHECK_HINT}") from None
+            raise RecordIOError(f"{rec_path}: record key {key}: {e}; {schema.DEEP_CHECK_HINT}") from None
         return key, raw, caption, image
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
