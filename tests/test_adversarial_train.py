@@ -216,7 +216,11 @@ def test_damaged_manifests_next_to_intact_checkpoints_are_rebuilt_not_ignored(sh
     assert "rebuilt the manifest" in caplog.text and "resumed from" in caplog.text
     assert [r["step"] for r in read_losses(out)] == [1, 2, 3, 4, 5]  # resumed at 4, not from scratch
     assert trainer.state.step == 5
-    assert all((out / "checkpoints" / name).read_bytes() == data for name, data in pt_bytes.items() if name != "step-00000002.pt")
+    assert all(
+        (out / "checkpoints" / name).read_bytes() == data
+        for name, data in pt_bytes.items()
+        if name != "step-00000002.pt"
+    )
     assert ckpt.is_complete(out / "checkpoints" / "step-00000004.pt")
 
 
