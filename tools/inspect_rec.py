@@ -47,9 +47,16 @@ CHECK_FAILED = 1  # a damaged shard: distinct from a usage error (alip.cli.USER_
 SPECIAL_TOKENS = (0, 49406, 49407)  # padding, start of text, end of text
 
 
-def decode_tokens(tokenizer, tokens: np.ndarray) -> str:
+@functools.cache
+def clip_tokenizer():
+    import alip  # pulls in open_clip and torch: only once a record is decoded
+
+    return alip.get_tokenizer("ViT-B-32")
+
+
+def decode_tokens(tokens: np.ndarray) -> str:
     """CLIP BPE ids -> text, without the start/end/padding tokens."""
-    return tokenizer.decode([int(t) for t in tokens if int(t) not in SPECIAL_TOKENS]).strip()
+    return clip_tokenizer().decode([int(t) for t in tokens if int(t) not in SPECIAL_TOKENS]).strip()
 
 
 def describe_image(jpeg: bytes) -> str:
@@ -98,13 +105,6 @@ def check(shards: list[schema.ShardInfo], deep: bool, workers: int) -> int:
     return CHECK_FAILED if failed else 0
 
 
-@functools.cache
-def clip_tokenizer():
-    import alip  # pulls in open_clip and torch: only once a record is decoded
-
-    return alip.get_tokenizer("ViT-B-32")
-
-
 def show(shards: list[schema.ShardInfo], count: int, dump: Path | None) -> None:
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
@@ -117,10 +117,7 @@ def show(shards: list[schema.ShardInfo], count: int, dump: Path | None) -> None:
                 key, label, jpeg = schema.split_record(reader.read_at(offset, f"record key {key_in_idx}"))
                 try:
                     raw, caption = schema.decode_label(label)
-                    raw_text, caption_text = (
-                        decode_tokens(clip_tokenizer(), raw),
-                        decode_tokens(clip_tokenizer(), caption),
-                    )
+                    raw_text, caption_text = decode_tokens(raw), decode_tokens(caption)
                 except schema.TokenError as e:  # show the damage and go on: this is an inspection tool
                     raw_text = caption_text = f"<damaged label: {e}>"
                 print(f"[{shown}] key {key} ({Path(shard.rec).name} @ {offset}): {describe_image(jpeg)}")
