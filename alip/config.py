@@ -222,6 +222,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if origin is Literal:
+        if value is False and "off" in args:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
         if value not in args:
             raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
         return value

@@ -131,14 +131,23 @@ class BiPathCLIP(nn.Module):
             logger.warning("model.text_trim=%s needs a causal, argmax-pooled text tower; not trimming", text_trim)
             text_trim = "off"
         self.text_trim, self.text_buckets = text_trim, text_buckets
-        self.text_calls: list[tuple[int, int]] = []  # the last forward's text tower calls (alip.flops)
+        # Text tower calls (texts, tokens each) of the forwards that backpropagate, for the FLOP
+        # count (alip.flops); the no-grad first pass of cached accumulation is recomputation, not counted.
+        self.text_calls: list[tuple[int, int]] = []
+
+    def take_text_calls(self) -> list[tuple[int, int]]:
+        """The text tower calls recorded since the last take (see `text_calls`)."""
+        calls, self.text_calls = self.text_calls, []
+        return calls
 
     def forward(
         self, image: torch.Tensor, text: torch.Tensor, caption: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | None]:
         image_features = self.clip.encode_image(image, normalize=True)  # [B, D]
         sources = [text] if caption is None else [text, caption]  # [B, L] each
-        features, self.text_calls = encode_texts(self.clip, sources, self.text_trim, self.text_buckets)
+        features, calls = encode_texts(self.clip, sources, self.text_trim, self.text_buckets)
+        if torch.is_grad_enabled():
+            self.text_calls.extend(calls)
         return {
             "image_features": image_features,
             "raw_features": features[0],

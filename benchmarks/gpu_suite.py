@@ -84,7 +84,8 @@ def train_stage(args: argparse.Namespace) -> list[dict]:
         image_size = 64 if args.cpu_dry_run else 224
         data = batches(lengths_b, step_args, image_size, warmup + timed)  # length distribution (b)
         seconds, _ = measure(step, data, warmup)
-        flops = step_flops(step.clip, row["batch"], step.net.text_calls)  # the last timed step's lengths
+        # Model FLOPs per step, averaged over the steps run (their text lengths differ).
+        flops = step_flops(step.clip, row["batch"] * len(data), step.net.take_text_calls()) / len(data)
         tflops = flops / seconds / 1e12
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         out.append(

@@ -75,3 +75,12 @@ def test_bad_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_a_bare_off_in_yaml_means_the_option_value_off(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train: x}\nmodel: {text_trim: off}\n")  # PyYAML reads `off` as False
+    assert load_config(path).model.text_trim == "off"
+    assert load_config(None, ["data.train=x", "model.text_trim=off"]).model.text_trim == "off"
+    with pytest.raises(ConfigError, match="model.text_trim must be one of"):
+        load_config(None, ["data.train=x", "model.text_trim=on"])

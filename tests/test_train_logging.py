@@ -76,3 +76,30 @@ def test_eval_lines_go_to_eval_jsonl_and_resume_drops_the_stale_ones(tmp_path):
     other = TrainLogger(LogConfig(tensorboard=False), tmp_path / "r1", is_main=False, run_config={})
     other.log_eval(5, {"eval/x": 1.0})  # only the main rank writes
     assert not (tmp_path / "r1" / "eval.jsonl").exists()
+
+
+def test_log_has_model_tflops_and_counts_each_forward_once(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from alip.config import validate
+    from alip.flops import image_flops, text_flops
+    from alip.train.trainer import Trainer
+
+    run(data, tmp_path / "r", "train.max_steps=4", "log.tensorboard=true")
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert all(e.value > 0 for e in events.Scalars("train/tflops_per_s_per_rank"))
+    assert "train/mfu" not in events.Tags()["scalars"]  # no GPU peak to divide by on a CPU
+
+    # Cached accumulation runs every micro-batch forward twice (no grad, then with grad): the
+    # recomputation is not model work, so a step counts 3 x (images + 2 texts at 77 tokens).
+    cfg = load_config(
+        TINY, [f"data.train={data}", f"output_dir={tmp_path / 't'}", "train.accum_steps=2", "model.text_trim=off"]
+    )
+    trainer = Trainer(cfg, validate(cfg, 1), tmp_path / "t", torch.device("cpu"))
+    b, clip = trainer.shape.per_rank_batch, trainer.clip
+    batches = iter(trainer.loader)
+    for _ in range(2):  # the second step counts only its own calls
+        trainer.train_step(next(batches))
+        assert trainer._step_flops() == pytest.approx(3 * (b * image_flops(clip) + 2 * b * text_flops(clip, 77)))

@@ -32,6 +32,7 @@ import alip
 from alip.config import Config, ConfigError, RunShape, to_dict
 from alip.data.loader_config import LoaderConfig
 from alip.distributed import get_rank, get_world_size
+from alip.flops import device_peak_tflops, step_flops, supports_count
 from alip.model import CheckpointError
 from alip.train.checkpoint import Checkpointer, checkpoint_dir, rng_state, set_rng_state
 from alip.train.logger import TrainLogger
@@ -95,6 +96,8 @@ class Trainer:
         self.rank, self.world_size = get_rank(), get_world_size()
         self._configure_determinism()
         self.clip, self.net = self._build_model()
+        self._count_flops = supports_count(self.clip)  # MFU in the log (train/tflops_per_s_per_rank, train/mfu)
+        self._peak_tflops = device_peak_tflops(device)
         lc = cfg.loss
         self.loss_fn = alip.AlipLoss(
             use_caption=lc.use_caption,
@@ -135,7 +138,8 @@ class Trainer:
             raise ConfigError(f"model.name: {e}") from None
         clip.set_grad_checkpointing(m.grad_checkpointing)  # open_clip checkpoints non-reentrantly: DDP-safe
         clip.to(self.device)
-        net: torch.nn.Module = alip.BiPathCLIP(clip)
+        self.bipath = alip.BiPathCLIP(clip, text_trim=m.text_trim, text_buckets=m.text_buckets)
+        net: torch.nn.Module = self.bipath
         if m.compile:
             net.compile()  # in place: state-dict keys stay those of open_clip
         if self.world_size > 1:
@@ -286,6 +290,7 @@ class Trainer:
                 batch = next(data)
             meter.data_wait += time.perf_counter() - t0
             outcome = self.train_step(batch)
+            meter.flops += self._step_flops()
             self.state.step += 1
             self.state.samples_seen += global_batch
             step = self.state.step
@@ -336,9 +341,15 @@ class Trainer:
                 path = alip.export_model(self.clip, self.run_dir / f"final{suffix}")
                 logger.info("exported final weights to %s", path)
 
+    def _step_flops(self) -> float:
+        """Model FLOPs of this rank's last step, for the lengths its text tower computed (alip.flops)."""
+        calls = self.bipath.take_text_calls()
+        return step_flops(self.clip, self.shape.per_rank_batch, calls) if self._count_flops else 0.0
+
     def _metrics(self, outcome: StepOutcome, meter: _Meter) -> dict[str, float]:
         step = self.state.step
-        rate = meter.rate(step) * self.shape.per_rank_batch
+        steps_per_s, flops_per_s = meter.take(step)
+        rate = steps_per_s * self.shape.per_rank_batch
         m = {
             "train/step": step,
             "train/total_steps": self.total_steps,
@@ -353,24 +364,30 @@ class Trainer:
             "train/loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
             "train/skipped_steps": self.state.skipped_steps,
         }
+        if self._count_flops:
+            m["train/tflops_per_s_per_rank"] = flops_per_s / 1e12
+            if self._peak_tflops:  # a GPU of the peak table (alip.flops.PEAK_TFLOPS_BF16)
+                m["train/mfu"] = flops_per_s / 1e12 / self._peak_tflops
         m.update({f"train/{k}": v for k, v in outcome.losses.items()})
         m.update({f"train/gate/{k}_mean": float(v.float().mean()) for k, v in outcome.gates.items()})
         return m
 
 
 class _Meter:
-    """Throughput and data-wait over the window since the last log line."""
+    """Throughput, model FLOPs and data-wait over the window since the last log line."""
 
     def __init__(self, step: int) -> None:
         self._step, self._time = step, time.perf_counter()
         self.data_wait = 0.0
+        self.flops = 0.0  # model FLOPs of this rank's steps in the window
 
-    def rate(self, step: int) -> float:
-        """Steps per second since the last call."""
+    def take(self, step: int) -> tuple[float, float]:
+        """Steps per second and model FLOPs per second since the last call; starts a new window."""
         now = time.perf_counter()
-        rate = (step - self._step) / max(now - self._time, 1e-9)
-        self._step, self._time = step, now
-        return rate
+        elapsed = max(now - self._time, 1e-9)
+        rates = ((step - self._step) / elapsed, self.flops / elapsed)
+        self._step, self._time, self.flops = step, now, 0.0
+        return rates
 
     def take_wait(self) -> float:
         wait, self.data_wait = self.data_wait, 0.0
