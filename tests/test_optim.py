@@ -63,3 +63,13 @@ def test_cosine_with_warmup_and_constant():
     assert all(beta == 0.9 for _, beta in out)  # only OneCycle cycles beta1
     out = lrs_and_beta1(ScheduleConfig(name="constant", warmup=0.0), 10)
     assert {lr for lr, _ in out} == {1e-3}
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(0.1, 10), (0.5, 2)])
+def test_onecycle_with_a_one_step_warmup_does_not_divide_by_zero(warmup, total):
+    # torch's OneCycleLR alone raises ZeroDivisionError when warmup * total_steps == 1.
+    out = lrs_and_beta1(ScheduleConfig(name="onecycle", warmup=warmup), total)
+    lrs = [lr for lr, _ in out]
+    assert lrs[0] == pytest.approx(1e-3 / 25) and all(math.isfinite(lr) and lr <= 1e-3 for lr in lrs)
+    if total == 10:  # one warm-up step, then the annealing from (just below) the peak
+        assert lrs[1] == max(lrs) and lrs[1] > 0.95e-3

@@ -45,12 +45,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total
     warmup = int(cfg.warmup * total_steps)
     if cfg.name == "onecycle":
         # As released: torch's OneCycleLR, which also cycles beta1 between cycle_beta1
-        # (high while the lr is low, and back).
+        # (high while the lr is low, and back). Its warm-up ends at step pct_start * total - 1; where
+        # that is exactly step 0 (e.g. 10% of 10 steps) torch divides by zero: a hair more makes it
+        # the one-step warm-up that was meant (step 0 at lr / div_factor, the peak at step 1).
+        pct_start = cfg.warmup
+        if pct_start * total_steps == 1:
+            pct_start = (1 + 1e-6) / total_steps
         return OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=total_steps,
-            pct_start=cfg.warmup,
+            pct_start=pct_start,
             anneal_strategy="cos",
             cycle_momentum=True,
             base_momentum=cfg.cycle_beta1[0],
