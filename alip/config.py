@@ -43,6 +43,9 @@ class DataConfig:
     shuffle_buffer: int = 4096
     num_threads: int = 4  # DALI threads per rank
     num_workers: int = 4  # torch loader worker processes per rank
+    # At start, also verify checksums and decode every image and label of the shards (the deep
+    # check of `tools/inspect_rec.py --check --deep`): reads every byte of every shard, so opt-in.
+    deep_check: bool = False
 
 
 @dataclass

@@ -66,7 +66,10 @@ class FolderLock:
             os.close(fd)
             try:
                 info = json.loads(holder)
-                who = f"{info.get('what')} (PID {info.get('pid')} on host {info.get('host')}, started {info.get('started')})"
+                who = (
+                    f"{info.get('what')} (PID {info.get('pid')} on host {info.get('host')}, "
+                    f"started {info.get('started')})"
+                )
             except (ValueError, AttributeError):
                 who = "another process"
             raise FolderLockedError(

@@ -144,3 +144,14 @@ def test_deep_check_passes_good_shards_and_the_official_release():
     res = inspect(OFFICIAL_REC, "--check", "--deep")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "7 records" in res.stdout and "not verified: no checksum" in res.stdout and "1/1 shards ok" in res.stdout
+
+
+def test_training_with_data_deep_check_refuses_damaged_shards_at_start(shards, tmp_path, capsys):
+    from alip.train.__main__ import main
+
+    meta, rec = damaged_copy(shards, tmp_path / "s", 13, IMAGE_AT, NOT_A_JPEG)
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    argv = [str(tiny), f"data.train={meta}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1"]
+    assert main([*argv, "data.deep_check=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "deep check: 2 problem(s)" in err and str(rec) in err  # checksum + image

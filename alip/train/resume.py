@@ -36,6 +36,7 @@ APPLIED = (
     "model.text_buckets",
     "data.num_threads",  # the torch loader seeds augmentation per sample, not per worker
     "data.num_workers",
+    "data.deep_check",  # what is checked at start, not what is read
     "checkpoint.",  # cadence and outputs
     "log.",
     "eval.",

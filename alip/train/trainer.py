@@ -71,6 +71,7 @@ def build_loader(cfg: Config, shape: RunShape, device: torch.device) -> Any:
         seed=cfg.train.seed,
         num_threads=d.num_threads,
         num_workers=d.num_workers,
+        deep_check=d.deep_check,
     )
     if d.loader == "dali":
         from alip.data.dali import DaliLoader  # DALI only where it is asked for
