@@ -37,6 +37,14 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 TRAIN_CHECKPOINT_MODEL_KEY = "model"
 
 
+class UnknownModelError(UserError, ValueError):
+    """A model name that open_clip does not know."""
+
+
+class ExportPathError(UserError, ValueError):
+    """An export path whose suffix names no format we write."""
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: unsafe, unreadable, not a checkpoint, not matching the model,
     or (alip.train) refused for a resume or not writable."""
@@ -56,7 +64,7 @@ def create_model(
     from its hub where the machine can reach it. Extra keyword arguments go to open_clip.
     """
     if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(
+        raise UnknownModelError(
             f"unknown model {model_name!r}; open_clip knows {len(open_clip.list_models())} configs, "
             "e.g. ViT-B-32, ViT-B-16, RN50, ALIP-Tiny (see open_clip.list_models())"
         )
@@ -311,6 +319,6 @@ def export_model(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
     elif path.suffix in (".pt", ".pth", ".bin"):
         torch.save(state_dict, tmp)
     else:
-        raise ValueError(f"export path must end in .safetensors, .pt, .pth or .bin, got {path.name}")
+        raise ExportPathError(f"export path must end in .safetensors, .pt, .pth or .bin, got {path.name}")
     tmp.replace(path)  # atomic: a crash never leaves a half-written export under the final name
     return path

@@ -163,3 +163,10 @@ def test_unreachable_hub_means_the_local_cache_only(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(ModelLoadError, match=r"cannot be reached from this machine and it is not cached"):
         Captioner.from_pretrained("alip-tests/not-a-cached-model", hub_probe=lambda: False)
+
+
+def test_unknown_model_name_is_one_line(tmp_path):
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"")
+    code, err = run("tools/export_checkpoint.py", "--model", "ViT-Q-99", ckpt, tmp_path / "out.pt")[:2]
+    assert_one_line(code, err, "unknown model 'ViT-Q-99'")
