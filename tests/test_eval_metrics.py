@@ -1,4 +1,5 @@
-"""alip.eval.metrics against naive per-query references (ties broken against the query, like the library)."""
+"""alip.eval.metrics against naive per-query references (ties broken against the query: the `pessimistic` rule;
+the `topk` and `argsort` rules are checked against CLIP_benchmark and the release in test_eval_protocol.py)."""
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_retrieval_matches_naive_reference_with_ties(seed):
     sim[text_to_image, torch.arange(len(text_to_image))] += 0.2 * torch.randint(
         0, 3, (len(text_to_image),), generator=gen
     )
-    ours = retrieval_metrics(sim, text_to_image)
+    ours = retrieval_metrics(sim, text_to_image, ties="pessimistic")
     ref = naive_retrieval(sim, text_to_image.tolist())
     for key, value in ref.items():
         assert ours[key] == pytest.approx(value, abs=1e-9), key
@@ -69,7 +70,7 @@ def test_retrieval_small_blocks_equal_one_block():
 
 def test_retrieval_ties_count_against_the_query():
     sim = torch.zeros(3, 6)  # a constant model
-    out = retrieval_metrics(sim, torch.tensor([0, 0, 1, 1, 2, 2]), ks=(1, 4, 5))
+    out = retrieval_metrics(sim, torch.tensor([0, 0, 1, 1, 2, 2]), ks=(1, 4, 5), ties="pessimistic")
     # 4 wrong captions tie with the correct ones: R@4 misses, R@5 hits; 2 other images tie: R@1 misses
     assert out["i2t_R@1"] == 0 and out["i2t_R@4"] == 0 and out["i2t_R@5"] == 100
     assert out["t2i_R@1"] == 0 and out["t2i_R@4"] == 100
@@ -91,7 +92,7 @@ def test_classification_matches_naive_reference_on_imbalanced_classes(seed):
     targets = targets[torch.randperm(len(targets), generator=gen)]
     logits = torch.randint(0, 4, (len(targets), len(counts)), generator=gen).float()  # ties
     logits[torch.arange(len(targets)), targets] += torch.randint(0, 3, (len(targets),), generator=gen).float()
-    ours = classification_metrics(logits, targets)
+    ours = classification_metrics(logits, targets, ties="pessimistic")
     ref = naive_classification(logits, targets.tolist())
     for key, value in ref.items():
         assert ours[key] == pytest.approx(value, abs=1e-9), key

@@ -23,18 +23,22 @@ import torch
 
 from alip.cli import add_debug_flag, guarded
 from alip.distributed import init_distributed
-from alip.eval.datasets import (
-    TORCHVISION_LAYOUTS,
-    ClassificationData,
-    RetrievalData,
-    load_classification,
-    load_retrieval,
-)
+from alip.eval.datasets import TORCHVISION_LAYOUTS, ClassificationData, load_classification
 from alip.eval.features import FEATURE_STAGES, PRECISIONS, cached, extract_features, image_encoder
 from alip.eval.linear_probe import DEFAULT_C_GRID, linear_probe, probe_summary
-from alip.eval.metrics import paper_metric
+from alip.eval.metrics import TIE_RULES, paper_metric
+from alip.eval.protocol import (
+    LOGIT_RULES,
+    PROTOCOLS,
+    EvalProtocol,
+    imagenet_padded_rows,
+    load_protocol_classification,
+    parse_padding,
+    resolve_protocol,
+)
 from alip.eval.results import build_record, format_table, model_record, write_record
 from alip.eval.retrieval import evaluate_retrieval
+from alip.eval.retrieval_formats import RetrievalData, load_retrieval
 from alip.eval.zeroshot import evaluate_zeroshot
 
 logger = logging.getLogger("alip.eval")
@@ -44,8 +48,9 @@ EPILOG = (
 where the data goes (nothing is downloaded; a missing dataset says what it expected):
   retrieval   --annotations dataset_coco.json --images <coco>/   (Karpathy JSON; images at <coco>/val2014/*.jpg)
               --annotations dataset_flickr30k.json --images <flickr30k-images>/
-              also CLIP_benchmark's coco_test_karpathy.json / flickr30k_test_karpathy.txt, a CSV/JSONL with
-              image,caption columns (several rows per image), or a CLIP_benchmark webdataset folder.
+              also ALBEF's coco_test.json / flickr30k_test.json (what the release reads), CLIP_benchmark's
+              coco_test_karpathy.json / flickr30k_test_karpathy.txt, a CSV/JSONL with image,caption columns
+              (several rows per image), or a CLIP_benchmark webdataset folder.
               An image listed without captions cannot be an image-to-text query: it is left out of both
               directions, with a warning and a count under "notices" in the results JSON.
   zeroshot / linear-probe  --data ROOT with one --dataset: ROOT holds that dataset's torchvision layout;
@@ -57,6 +62,11 @@ where the data goes (nothing is downloaded; a missing dataset says what it expec
      any other name: an ImageFolder (<root>/<class>/*.jpg + classnames.txt) or a CLIP_benchmark webdataset
                     (<root>/<split>/nshards.txt, <root>/<split>/0.tar, classnames.txt,
                     zeroshot_classification_templates.txt)
+protocols (--protocol; every option it sets can also be given on its own, all go into the results JSON):
+  clip_benchmark  (default) CLIP_benchmark 1.6.2's figures: its tie breaking, float logits, CLIP's splits
+  release         the official release's (the paper's tables): 'a photo of ' before every caption,
+                  its tie breaking, int64-truncated logits, ImageNet resized to 256 and cropped to 224 with
+                  the release's padded rows counted, Caltech-101 and SUN397 on its random splits
 examples:
   python -m alip.eval zeroshot --model ViT-B-32 --checkpoint ALIP_YFCC15M_B32.pt --data /data/eval \\
       --dataset cifar10 cifar100 food101 pets flowers sun397 cars dtd caltech101 fgvc_aircraft
@@ -80,6 +90,52 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_debug_flag(g)
 
 
+def _padding_arg(value: str) -> tuple[int, int] | None | str:
+    if value == "default":
+        return value
+    try:
+        return parse_padding(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _protocol_options(p: argparse.ArgumentParser, task: str) -> None:
+    g = p.add_argument_group("protocol (see alip.eval.protocol)")
+    g.add_argument("--protocol", choices=PROTOCOLS, default="clip_benchmark", help="default: clip_benchmark")
+    g.add_argument(
+        "--ties",
+        choices=TIE_RULES,
+        default=None,
+        help="how tied scores rank: as CLIP_benchmark's code (torch.topk), as the release's (stable ranks, "
+        "topk(1)), or pessimistic (ties count against the query); default: the protocol's",
+    )
+    if task == "retrieval":
+        g.add_argument("--caption-prefix", default=None, help="text put before every caption (default: the protocol's)")
+        return
+    g.add_argument(
+        "--logits", choices=LOGIT_RULES, default=None, help="float, or int64-truncated (default: the protocol's)"
+    )
+    g.add_argument(
+        "--imagenet-padding",
+        type=_padding_arg,
+        default="default",
+        metavar="{none,RANKSxBATCH}",
+        help="count the padded rows of the release's ImageNet run on RANKS x BATCH (default: the protocol's)",
+    )
+
+
+def _resolve_protocol(args: argparse.Namespace) -> EvalProtocol | None:
+    if args.task == "linear-probe":
+        return None
+    return resolve_protocol(
+        args.protocol,
+        ties=args.ties,
+        caption_prefix=getattr(args, "caption_prefix", None),
+        logits=getattr(args, "logits", None),
+        imagenet_padding=getattr(args, "imagenet_padding", "default"),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m alip.eval",
@@ -99,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default=None, help="name in the results (default: from the annotation file)")
     r.add_argument("--annotations", required=True, help="Karpathy JSON, CLIP_benchmark file, CSV/JSONL or wds folder")
     r.add_argument("--images", default=None, help="image root the annotations are relative to")
-    r.add_argument("--format", default="auto", choices=["auto", "karpathy", "coco", "flickr", "table", "wds"])
+    r.add_argument("--format", default="auto", choices=["auto", "karpathy", "albef", "coco", "flickr", "table", "wds"])
     r.add_argument("--split", default="test")
+    _protocol_options(r, "retrieval")
 
     for name, helptext in (
         ("zeroshot", "zero-shot classification top-1/top-5/mean-per-class recall"),
@@ -115,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--templates", default=None, help="file, one template per line with {c} (overrides)")
         if name == "zeroshot":
             c.add_argument("--split", default="test")
+            _protocol_options(c, "zeroshot")
         else:
             c.add_argument("--train-split", default="train")
             c.add_argument("--test-split", default="test")
@@ -153,7 +211,13 @@ def _describe(data: ClassificationData) -> dict[str, Any]:
 
 
 def _run_retrieval(
-    args: argparse.Namespace, data: RetrievalData, model: Any, tokenizer: Any, preprocess: Any, device: str
+    args: argparse.Namespace,
+    data: RetrievalData,
+    model: Any,
+    tokenizer: Any,
+    preprocess: Any,
+    device: str,
+    protocol: EvalProtocol,
 ) -> list[dict]:
     metrics = evaluate_retrieval(
         model,
@@ -164,6 +228,8 @@ def _run_retrieval(
         batch_size=args.batch_size,
         num_workers=args.workers,
         precision=args.precision,
+        caption_prefix=protocol.caption_prefix,
+        ties=protocol.ties,
     )
     desc = {
         "name": data.name,
@@ -177,16 +243,28 @@ def _run_retrieval(
     return [{**desc, "metrics": metrics}]
 
 
-def _load(args: argparse.Namespace, name: str, split: str, preprocess: Any) -> ClassificationData:
+def _load(
+    args: argparse.Namespace, name: str, split: str, preprocess: Any, protocol: EvalProtocol | None = None
+) -> ClassificationData:
     root = _dataset_root(args, name)
+    if protocol is not None:
+        return load_protocol_classification(
+            protocol, name, root, split, preprocess, args.format, args.classnames, args.templates
+        )
     return load_classification(name, root, split, preprocess, args.format, args.classnames, args.templates)
 
 
 def _run_zeroshot(
-    args: argparse.Namespace, sets: list[ClassificationData], model: Any, tokenizer: Any, device: str
+    args: argparse.Namespace,
+    sets: list[ClassificationData],
+    model: Any,
+    tokenizer: Any,
+    device: str,
+    protocol: EvalProtocol,
 ) -> list[dict]:
     out = []
     for data in sets:
+        padding = protocol.imagenet_padding if data.name == "imagenet1k" else None
         metrics = evaluate_zeroshot(
             model,
             tokenizer,
@@ -195,6 +273,9 @@ def _run_zeroshot(
             batch_size=args.batch_size,
             num_workers=args.workers,
             precision=args.precision,
+            ties=protocol.ties,
+            logits=protocol.logits,
+            padded_rows=imagenet_padded_rows(len(data), *padding) if padding else 0,
         )
         out.append({**_describe(data), "metrics": metrics})
     return out
@@ -299,12 +380,12 @@ def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error("--c-grid values must be > 0, --refine-steps >= 0 and --max-iter >= 1")
 
 
-def _load_data(args: argparse.Namespace, preprocess: Any) -> Any:
+def _load_data(args: argparse.Namespace, preprocess: Any, protocol: EvalProtocol | None) -> Any:
     """Every dataset of the run, loaded and checked before any feature is extracted."""
     if args.task == "retrieval":
         return load_retrieval(args.annotations, args.images, split=args.split, fmt=args.format, name=args.dataset)
     if args.task == "zeroshot":
-        return [_load(args, name, args.split, preprocess) for name in args.dataset]
+        return [_load(args, name, args.split, preprocess, protocol) for name in args.dataset]
     return [
         {
             role: _load(args, name, split, preprocess)
@@ -319,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_numbers(parser, args)
+    protocol = _resolve_protocol(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = init_distributed()
     device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
@@ -327,16 +409,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, _, preprocess = alip.create_model(args.model, pretrained=args.checkpoint, device=device)
     model.eval()
     ckpt = model_record(args.model, args.checkpoint)
-    data = _load_data(args, preprocess)
+    data = _load_data(args, preprocess, protocol)
     if args.task == "retrieval":
-        datasets = _run_retrieval(args, data, model, alip.get_tokenizer(args.model), preprocess, device)
+        datasets = _run_retrieval(args, data, model, alip.get_tokenizer(args.model), preprocess, device, protocol)
     elif args.task == "zeroshot":
-        datasets = _run_zeroshot(args, data, model, alip.get_tokenizer(args.model), device)
+        datasets = _run_zeroshot(args, data, model, alip.get_tokenizer(args.model), device, protocol)
     else:
         datasets = _run_linear_probe(args, data, model, device, ckpt)
     settings = {"precision": args.precision, "batch_size": args.batch_size, "world_size": env.world_size}
     if args.task == "linear-probe":
         settings.update(feature=args.feature, c_grid=args.c_grid, refine_steps=args.refine_steps)
+    else:
+        settings.update(protocol.record(args.task))
     record = build_record(args.task, ckpt, datasets, **settings)
     if env.is_main:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -1,8 +1,9 @@
 """Evaluation datasets, read from local folders only (nothing is ever downloaded).
 
-Retrieval (`load_retrieval`): Karpathy split JSON (`dataset_coco.json`, `dataset_flickr30k.json`),
-CLIP_benchmark's annotation files (`coco_test_karpathy.json`, `flickr30k_test_karpathy.txt`), a
-generic CSV/JSONL of (image, caption) rows, and CLIP_benchmark's webdataset layout.
+Retrieval sets live in `alip.eval.retrieval_formats` (Karpathy, ALBEF, CLIP_benchmark, tables,
+webdataset); their names are still importable from here. This module holds the shared pieces
+(images on disk or in tar shards, CLIP_benchmark's webdataset reader, the error types) and the
+classification sets.
 
 Classification (`load_classification`): the torchvision classes of the ten CLIP datasets with
 `download=False`, ImageNet val as an ImageFolder, a generic ImageFolder plus a class-names file,
@@ -15,13 +16,11 @@ package's files without importing it) and open_clip (ImageNet); nothing is retyp
 
 Everything that can be checked without reading images is checked at load, so a mistake fails
 before any feature is extracted: class names that do not match the dataset's classes, an empty
-class-name or template file. A retrieval image listed without captions cannot be an image-to-text
-query: it is left out and counted (`RetrievalData.notices`), not dropped silently.
+class-name or template file.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.util
 import io
@@ -101,7 +100,7 @@ class ImageListDataset(Dataset):
         return img if self.labels is None else (img, int(self.labels[i]))
 
 
-def _read_wds_split(root: Path, split: str) -> list[dict[str, Any]]:
+def read_wds_split(root: Path, split: str) -> list[dict[str, Any]]:
     """Samples of a CLIP_benchmark webdataset split: one dict per key, with the image's TarMember
     and the decoded `.cls` / `.txt` fields, in shard and member order."""
     nshards_file = root / split / "nshards.txt"
@@ -142,246 +141,12 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _read_list(path: Path, what: str) -> list[str]:
+def read_list(path: Path, what: str) -> list[str]:
     """A class-name or template file: one entry per line. Empty is an error, not "use the defaults"."""
     lines = _read_lines(path)
     if not lines:
         raise DatasetError(f"{path} is empty: it must list the {what}, one per line")
     return lines
-
-
-# ---------------------------------------------------------------------------------------------
-# Retrieval
-
-
-@dataclass
-class RetrievalData:
-    """Images, their captions and the caption -> image map of a retrieval test set."""
-
-    name: str
-    split: str
-    images: list[ImageRef]
-    captions: list[str]
-    text_to_image: list[int]  # [N_txt] index into `images`
-    images_without_captions: int = 0  # listed in the annotations with no (non-blank) caption: left out
-    blank_captions: int = 0  # empty caption strings: no query, left out
-
-    def __post_init__(self) -> None:
-        if len(self.captions) != len(self.text_to_image):
-            raise ValueError(f"{len(self.captions)} captions but {len(self.text_to_image)} caption->image entries")
-        if not self.images or not self.captions:
-            raise DatasetError(f"retrieval set {self.name}/{self.split} has no image with a caption")
-        without = len(self.images) - len(set(self.text_to_image))
-        if without:
-            raise ValueError(f"{without} images of {self.name}/{self.split} have no caption")
-
-    @property
-    def notices(self) -> dict[str, int]:
-        """What was left out of the annotations, by kind (only the kinds that occurred)."""
-        counts = {"images_without_captions": self.images_without_captions, "blank_captions": self.blank_captions}
-        return {k: v for k, v in counts.items() if v}
-
-    def head(self, max_images: int | None) -> RetrievalData:
-        """The first `max_images` images with all their captions (the fast in-training subset)."""
-        if max_images is None or max_images >= len(self.images):
-            return self
-        keep = [i for i, img in enumerate(self.text_to_image) if img < max_images]
-        return replace(
-            self,
-            images=self.images[:max_images],
-            captions=[self.captions[i] for i in keep],
-            text_to_image=[self.text_to_image[i] for i in keep],
-        )
-
-    def image_dataset(self, transform: Transform | None) -> ImageListDataset:
-        return ImageListDataset(self.images, transform)
-
-
-def _group_captions(pairs: Sequence[tuple[ImageRef, str | None]], name: str, split: str) -> RetrievalData:
-    """(image, caption) rows -> RetrievalData; images in first-appearance order, captions in row order.
-
-    `(image, None)` lists an image that has no caption. Such an image cannot be an image-to-text
-    query, so it is left out of both directions and counted: the standard test sets caption every
-    image, and keeping it in the text-to-image gallery would make the scores incomparable with
-    theirs. Blank captions are no query either: left out and counted.
-    """
-    captioned = {image for image, caption in pairs if caption}
-    index: dict[ImageRef, int] = {}
-    captions, text_to_image = [], []
-    for image, caption in pairs:
-        if caption:
-            captions.append(caption)
-            text_to_image.append(index.setdefault(image, len(index)))
-    without = len({image for image, _ in pairs} - captioned)
-    blank = sum(caption is not None and not caption for _, caption in pairs)
-    return RetrievalData(name, split, list(index), captions, text_to_image, without, blank)
-
-
-def _require_file(path: Path, what: str) -> None:
-    if not path.is_file():
-        raise DatasetNotFoundError(f"{what} not found: {path}")
-
-
-def load_karpathy(
-    path: str | Path, image_root: str | Path, split: str = "test", name: str | None = None
-) -> RetrievalData:
-    """Karpathy split JSON (`dataset_coco.json` / `dataset_flickr30k.json`): images of `split`,
-    at `image_root/filepath/filename` (COCO: filepath is `val2014`; Flickr: no filepath)."""
-    path, image_root = Path(path), Path(image_root)
-    _require_file(path, "Karpathy split JSON")
-    data = json.loads(path.read_text())
-    if "images" not in data or (data["images"] and "sentences" not in data["images"][0]):
-        raise DatasetError(f"{path} is not a Karpathy split file (needs images[].sentences[].raw)")
-    pairs = []
-    for entry in data["images"]:
-        if entry.get("split") != split:
-            continue
-        image = str(image_root / entry.get("filepath", "") / entry["filename"])
-        pairs += [(image, s["raw"].strip()) for s in entry["sentences"]] or [(image, None)]
-    if not pairs:
-        splits = sorted({e.get("split") for e in data["images"]})
-        raise DatasetError(f"{path} has no images in split {split!r} (splits present: {splits})")
-    return _group_captions(pairs, name or data.get("dataset", path.stem), split)
-
-
-def load_coco_annotations(
-    path: str | Path, image_root: str | Path, split: str = "test", name: str | None = None
-) -> RetrievalData:
-    """CLIP_benchmark's COCO-style annotation file (`coco_test_karpathy.json`): `images[]` with
-    `id`/`file_name` (relative to `image_root`) and `annotations[]` with `image_id`/`caption`."""
-    path, image_root = Path(path), Path(image_root)
-    _require_file(path, "COCO captions annotation file")
-    data = json.loads(path.read_text())
-    files = {img["id"]: str(image_root / img["file_name"]) for img in data["images"]}
-    # sorted image ids, as torchvision's CocoCaptions (which CLIP_benchmark uses) orders them
-    by_image: dict[Any, list[str]] = {i: [] for i in sorted(files)}
-    for ann in data["annotations"]:
-        by_image[ann["image_id"]].append(ann["caption"].strip())
-    pairs = [(files[i], c) for i, caps in by_image.items() for c in caps or [None]]
-    return _group_captions(pairs, name or path.stem, split)
-
-
-def load_flickr_annotations(
-    path: str | Path, image_root: str | Path, split: str = "test", name: str | None = None
-) -> RetrievalData:
-    """CLIP_benchmark's Flickr annotation file (`flickr30k_test_karpathy.txt`): a header line, then
-    `image.jpg,caption` lines (captions may contain commas)."""
-    path, image_root = Path(path), Path(image_root)
-    _require_file(path, "Flickr annotation file")
-    pairs = []
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    for n, line in enumerate(lines, start=2):
-        if not line.strip():
-            continue
-        image, sep, caption = line.strip().partition(".jpg,")
-        if not sep:
-            raise DatasetError(f"{path}:{n}: expected 'image.jpg,caption', got {line[:80]!r}")
-        pairs.append((str(image_root / (image + ".jpg")), caption.strip()))
-    return _group_captions(pairs, name or path.stem, split)
-
-
-def load_caption_table(
-    path: str | Path,
-    image_root: str | Path | None = None,
-    split: str = "test",
-    name: str | None = None,
-    image_col: str = "image",
-    caption_col: str = "caption",
-) -> RetrievalData:
-    """A generic CSV or JSONL of (image, caption): several rows per image, or (JSONL) a list of
-    captions in one row. Relative image paths are resolved against `image_root` (default: the
-    table's folder)."""
-    path = Path(path)
-    _require_file(path, "caption table")
-    root = Path(image_root) if image_root is not None else path.parent
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif path.suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    else:
-        raise DatasetError(f"caption table must be .csv, .tsv or .jsonl, got {path.name}")
-    pairs = []
-    for n, row in enumerate(rows, start=1):
-        if image_col not in row or caption_col not in row:
-            raise DatasetError(f"{path} row {n}: needs columns {image_col!r} and {caption_col!r}, has {sorted(row)}")
-        caps = row[caption_col] if isinstance(row[caption_col], list) else [row[caption_col]]
-        pairs += [(str(root / row[image_col]), str(c).strip()) for c in caps] or [(str(root / row[image_col]), None)]
-    return _group_captions(pairs, name or path.stem, split)
-
-
-def load_wds_retrieval(root: str | Path, split: str = "test", name: str | None = None) -> RetrievalData:
-    """CLIP_benchmark webdataset retrieval layout: `dataset_type.txt` = retrieval, samples with an
-    image and a `.txt` holding one caption per line."""
-    root = Path(root)
-    pairs = []
-    for sample in _read_wds_split(root, split):
-        if "txt" not in sample:
-            raise DatasetError(f"{root}: sample {sample['__key__']!r} has no .txt captions")
-        captions = [c.strip() for c in sample["txt"].splitlines() if c.strip()]
-        pairs += [(sample["image"], c) for c in captions] or [(sample["image"], None)]
-    return _group_captions(pairs, name or root.name, split)
-
-
-def load_retrieval(
-    path: str | Path,
-    image_root: str | Path | None = None,
-    split: str = "test",
-    fmt: str = "auto",
-    name: str | None = None,
-) -> RetrievalData:
-    """Load a retrieval set; `fmt` is karpathy, coco, flickr, table, wds or auto (by file type/content).
-
-    Images listed without captions and blank captions are left out and counted in `notices` (see
-    `_group_captions`), with a warning.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DatasetNotFoundError(
-            f"retrieval annotations not found: {path}. Put e.g. the Karpathy split file dataset_coco.json "
-            "there and the images under --images (COCO: <images>/val2014/*.jpg; Flickr30k: <images>/*.jpg), "
-            "or CLIP_benchmark's coco_test_karpathy.json / flickr30k_test_karpathy.txt, or a CSV/JSONL with "
-            "image,caption columns, or a CLIP_benchmark webdataset folder"
-        )
-    if fmt == "auto":
-        if path.is_dir():
-            fmt = "wds"
-        elif path.suffix == ".json":
-            head = json.loads(path.read_text())
-            images = head.get("images") or [{}]
-            fmt = "karpathy" if "sentences" in images[0] else "coco"
-        elif path.suffix == ".txt":
-            fmt = "flickr"
-        else:
-            fmt = "table"
-    if fmt == "wds":
-        return _noticed(load_wds_retrieval(path, split, name))
-    loaders = {
-        "karpathy": load_karpathy,
-        "coco": load_coco_annotations,
-        "flickr": load_flickr_annotations,
-        "table": load_caption_table,
-    }
-    if fmt not in loaders:
-        raise DatasetError(f"unknown retrieval format {fmt!r}; choose auto, {', '.join(loaders)} or wds")
-    if image_root is None and fmt != "table":
-        raise DatasetError(f"{fmt} annotations need the image folder (--images)")
-    return _noticed(loaders[fmt](path, image_root, split=split, name=name))
-
-
-def _noticed(data: RetrievalData) -> RetrievalData:
-    if data.images_without_captions:
-        logger.warning(
-            "%s/%s: %d images have no caption and are left out (no image-to-text query without one); "
-            "evaluating %d images",
-            data.name,
-            data.split,
-            data.images_without_captions,
-            len(data.images),
-        )
-    if data.blank_captions:
-        logger.warning("%s/%s: %d blank captions left out", data.name, data.split, data.blank_captions)
-    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,7 +367,7 @@ def _load_wds(
     root: Path, split: str, transform: Transform | None, source: dict
 ) -> tuple[Dataset, list[str], list[str]]:
     """CLIP_benchmark's webdataset layout: tar shards with .cls labels, class names and templates beside."""
-    samples = _read_wds_split(root, split)
+    samples = read_wds_split(root, split)
     missing = [s["__key__"] for s in samples if "cls" not in s]
     if missing:
         raise DatasetError(f"{root}/{split}: samples without a .cls label, e.g. {missing[:3]}")
@@ -610,10 +375,10 @@ def _load_wds(
     classnames: list[str] = []
     templates: list[str] = []
     if (root / "classnames.txt").is_file():
-        classnames, source["classnames"] = _read_list(root / "classnames.txt", "class names"), "classnames.txt"
+        classnames, source["classnames"] = read_list(root / "classnames.txt", "class names"), "classnames.txt"
     tfile = root / "zeroshot_classification_templates.txt"
     if tfile.is_file():
-        templates, source["templates"] = _read_list(tfile, "templates"), tfile.name
+        templates, source["templates"] = read_list(tfile, "templates"), tfile.name
     return dataset, classnames, templates
 
 
@@ -626,11 +391,11 @@ def _load_imagefolder(
     dataset = _image_folder(folder, transform)
     templates: list[str] = []
     if (root / "templates.txt").is_file():
-        templates, source["templates"] = _read_list(root / "templates.txt", "templates"), "templates.txt"
+        templates, source["templates"] = read_list(root / "templates.txt", "templates"), "templates.txt"
     names_file = root / "classnames.txt"
     if names_file.is_file():
         source["classnames"] = "classnames.txt"
-        return dataset, _read_list(names_file, "class names"), templates
+        return dataset, read_list(names_file, "class names"), templates
     if not has_names_override:
         raise DatasetNotFoundError(
             f"{root} is an ImageFolder without class names: put classnames.txt (one name per line, in "
@@ -677,9 +442,9 @@ def load_classification(
     else:
         raise DatasetError(f"unknown classification format {fmt!r}; choose auto, torchvision, imagefolder or wds")
     if classnames_file is not None:
-        classnames, source["classnames"] = _read_list(Path(classnames_file), "class names"), str(classnames_file)
+        classnames, source["classnames"] = read_list(Path(classnames_file), "class names"), str(classnames_file)
     if templates_file is not None:
-        templates, source["templates"] = _read_list(Path(templates_file), "templates"), str(templates_file)
+        templates, source["templates"] = read_list(Path(templates_file), "templates"), str(templates_file)
     if not templates:
         templates, source["templates"] = templates_for(name)
     if not classnames:
@@ -714,3 +479,24 @@ def _check_class_names(dataset: Dataset, classnames: list[str], source: dict) ->
         )
     if top_label is not None and top_label >= len(classnames):
         raise DatasetError(f"{names}, but {source['root']} has labels up to {top_label}: one name per label is missing")
+
+
+# Retrieval names moved to alip.eval.retrieval_formats; resolved lazily, since that module imports this one.
+_RETRIEVAL_NAMES = (
+    "RetrievalData",
+    "load_retrieval",
+    "load_karpathy",
+    "load_albef",
+    "load_coco_annotations",
+    "load_flickr_annotations",
+    "load_caption_table",
+    "load_wds_retrieval",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RETRIEVAL_NAMES:
+        from alip.eval import retrieval_formats
+
+        return getattr(retrieval_formats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from alip.eval.datasets import ClassificationData, RetrievalData, Transform, load_classification, load_retrieval
+from alip.eval.datasets import ClassificationData, Transform, load_classification
 from alip.eval.retrieval import evaluate_retrieval
+from alip.eval.retrieval_formats import RetrievalData, load_retrieval
 from alip.eval.zeroshot import evaluate_zeroshot
 from alip.model import unwrap_model
 
