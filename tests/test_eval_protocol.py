@@ -407,6 +407,14 @@ def test_release_splits_and_imagenet_transform(tmp_path):
     release = resolve_protocol("release")
     with pytest.raises(DatasetError, match="101 classes, found 2"):
         load_protocol_classification(release, "caltech101", tmp_path / "caltech101", "test", ToTensor())
+    sun = tmp_path / "sun397" / "SUN397"
+    (sun / "a" / "abbey").mkdir(parents=True)
+    (sun / "ClassName.txt").write_text("/a/abbey\n")
+    key_image(0).save(sun / "a" / "abbey" / "sun_a.jpg")
+    with pytest.raises(DatasetError, match="exactly 108754 images"):
+        load_protocol_classification(release, "sun397", tmp_path / "sun397", "test", ToTensor())
+    with pytest.raises(DatasetError, match="only the test split"):
+        load_protocol_classification(release, "sun397", tmp_path / "sun397", "train", ToTensor())
     model_eval = Compose([Resize(224), CenterCrop(224), ToTensor(), Normalize((0.5,) * 3, (0.25,) * 3)])
     transform = release_imagenet_transform(model_eval)
     img = Image.new("RGB", (500, 300), (10, 200, 30))
