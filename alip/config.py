@@ -67,6 +67,10 @@ class LossConfig:
     pair_gate: Literal["official", "paper"] = "official"
     momentum: float = 0.99
     power: float = 2.0
+    # The gradient scale (alip.loss). Ours (true, true): every parameter gets the gradient of the loss
+    # over the global batch, whatever the world size. The release's flags (false, false): each rank
+    # scores the whole N x N batch but only its own features carry gradient, so after DDP's averaging
+    # the towers get that gradient / world_size and logit_scale all of it; grad_clip then acts on this.
     local_loss: bool = True
     gather_with_grad: bool = True
 
@@ -74,9 +78,14 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    weight_decay: float = 0.2  # not applied to biases, norms, embeddings and logit_scale
+    weight_decay: float = 0.2  # applied to the parameters `decay_params` names
+    # Which parameters weight decay applies to (alip.train.optim): "no_embeddings" (ours): weight
+    # matrices and conv kernels only, no embeddings or logit_scale; "open_clip": open_clip's rule
+    # (all but 1-D parameters, norms, biases and logit_scale: token and positional embeddings decayed);
+    # "all": every parameter, logit_scale and LayerNorm gains included (the release).
+    decay_params: Literal["no_embeddings", "open_clip", "all"] = "no_embeddings"
     betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    eps: float = 1e-6  # the release: 1e-8 (AdamW's default)
     grad_clip: float | None = 1.0  # max global grad norm; None: no clipping
 
 
@@ -90,6 +99,10 @@ class ScheduleConfig:
     div_factor: float = 25.0
     final_div_factor: float = 1e4
     final_lr_fraction: float = 0.0  # cosine: lr at the end, as a fraction of the peak
+    # Also step the schedule on a skipped step (non-finite loss inputs or gradients, e.g. an fp16
+    # overflow the GradScaler skips): the release steps OneCycleLR on every iteration. Ours (false)
+    # keeps the lr on the applied steps' schedule.
+    step_on_skip: bool = False
 
 
 @dataclass
@@ -99,6 +112,9 @@ class TrainConfig:
     epochs: float = 32.0
     max_steps: int | None = None  # overrides epochs when set
     precision: Literal["fp32", "bf16", "fp16"] = "fp16"  # autocast dtype; fp16 uses a GradScaler
+    # fp16: applied steps in a row after which the GradScaler doubles the loss scale (torch's
+    # default 2000; the release: 200).
+    scaler_growth_interval: int = 2000
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms (bitwise resume tests on CPU)
     max_consecutive_skips: int = 20  # abort after this many non-finite steps in a row
@@ -311,6 +327,7 @@ RANGES: dict[str, Range] = {
     "train.accum_steps": AT_LEAST_1,
     "train.epochs": POSITIVE,
     "train.max_steps": AT_LEAST_1,
+    "train.scaler_growth_interval": AT_LEAST_1,
     "train.seed": NON_NEGATIVE,  # the loaders derive their generators from it; numpy wants >= 0
     "train.max_consecutive_skips": AT_LEAST_1,
     "checkpoint.every_steps": AT_LEAST_1,

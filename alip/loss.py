@@ -17,8 +17,9 @@ after DDP's gradient averaging the update equals one process on the whole batch 
 tests/test_distributed.py, local loss on and off). `gather_with_grad=False` is open_clip's
 cheaper variant and is NOT world-size invariant: without local loss the DDP-averaged gradient of
 the towers is the single-process one divided by world_size while logit_scale's is not (Adam barely
-notices, grad clipping does); with local loss the gradient through other ranks' negatives is
-dropped altogether.
+notices, grad clipping does): that is the release's mode (its train.py defaults, local_loss=False
+and gather_with_grad=False), which configs/yfcc15m_vitb32_alip_release.yaml selects. With local loss
+and no gather gradient, the gradient through other ranks' negatives is dropped altogether.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ class AlipLoss(nn.Module):
     logit scale (what open_clip's CLIP.forward returns as "logit_scale"). Returns a dict with "loss"
     (scalar to backward), the terms "loss_raw"/"loss_caption", and the applied weights
     "weight_sample"/"weight_raw"/"weight_caption" over the global batch [N] (detached). With
-    use_caption=False there is no caption term and no caption weight.
+    use_caption=False there is no caption term and no caption weight. With a caption it also returns
+    the release's per-step log values, 0-dim and detached (`stat_names`): the global batch means of the
+    similarities, "sim_tc_mean" (raw text-caption), "sim_it_mean" (image-raw text) and "sim_ic_mean"
+    (image-caption), and with gates the EMAs the weights used, "ema_tc", "ema_it", "ema_ic".
 
     In train mode each call moves the gate EMAs (once per optimizer step: with gradient
     accumulation, call it once on the whole batch's features). In eval mode they stay frozen,
@@ -137,17 +141,12 @@ class AlipLoss(nn.Module):
             return {"loss": loss_raw, "loss_raw": loss_raw, "weight_sample": w_raw, "weight_raw": w_raw}
 
         c_all = gathered[2]
-        if self.use_gates:
-            with torch.no_grad():  # similarities are detached: the gates weight, they are not trained
-                weights = self.gates(
-                    (t_all * c_all).sum(-1),
-                    (v_all * t_all).sum(-1),
-                    (v_all * c_all).sum(-1),
-                    update=self.training,
-                )
-            w_sample, w_raw, w_caption = weights
-        else:
-            w_sample = w_raw = w_caption = torch.ones(v_all.shape[0], device=v_all.device)
+        with torch.no_grad():  # similarities are detached: the gates weight, they are not trained
+            sims = ((t_all * c_all).sum(-1), (v_all * t_all).sum(-1), (v_all * c_all).sum(-1))  # s_tc, s_it, s_ic [N]
+            if self.use_gates:
+                w_sample, w_raw, w_caption = self.gates(*sims, update=self.training)
+            else:
+                w_sample = w_raw = w_caption = torch.ones(v_all.shape[0], device=v_all.device)
         ce_caption = _symmetric_ce(local[0], local[2], v_all, c_all, logit_scale, rank * batch, use_local_rows)
         loss_raw = (w_sample[rows] * w_raw[rows] * ce_raw).mean()
         loss_caption = (w_sample[rows] * w_caption[rows] * ce_caption).mean()
@@ -158,7 +157,26 @@ class AlipLoss(nn.Module):
             "weight_sample": w_sample,
             "weight_raw": w_raw,
             "weight_caption": w_caption,
+            **self._gate_stats(sims),
         }
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        """The keys of the gate statistics `forward` returns (see `_gate_stats`)."""
+        if not self.use_caption:
+            return ()
+        emas = ("ema_tc", "ema_it", "ema_ic") if self.use_gates else ()
+        return ("sim_tc_mean", "sim_it_mean", "sim_ic_mean", *emas)
+
+    @torch.no_grad()
+    def _gate_stats(self, sims: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """What the release logs every step: the global batch's mean similarities and, with gates, the
+        EMAs the weights of this step used (after this step's update). 0-dim, equal on every rank."""
+        stats = dict(zip(("sim_tc_mean", "sim_it_mean", "sim_ic_mean"), (s.mean() for s in sims), strict=True))
+        if self.use_gates:
+            g = self.gates
+            stats.update(ema_tc=g.ema_tc.clone(), ema_it=g.ema_it.clone(), ema_ic=g.ema_ic.clone())
+        return stats
 
     def _check_local(self, image: torch.Tensor, raw: torch.Tensor, caption: torch.Tensor | None) -> list[torch.Tensor]:
         if self.use_caption and caption is None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train ALIP ViT-B/32 on YFCC15M with torchrun (the released recipe: configs/yfcc15m_vitb32_alip.yaml).
+# Train ALIP ViT-B/32 on YFCC15M with torchrun (our default recipe: configs/yfcc15m_vitb32_alip.yaml;
+# the official release's, exactly: CONFIG=configs/yfcc15m_vitb32_alip_release.yaml).
 #
 # Single node, 8 GPUs:
 #   DATA=/data/yfcc15m_rec/train.meta.json scripts/train_yfcc15m_B32_ALIP.sh

@@ -89,6 +89,7 @@ OUT_OF_RANGE = {
     "train.accum_steps": 0,
     "train.epochs": 0,
     "train.max_steps": 0,
+    "train.scaler_growth_interval": 0,
     "train.seed": -1,
     "train.max_consecutive_skips": 0,
     "checkpoint.every_steps": -5,

@@ -31,6 +31,22 @@ def test_weight_decay_skips_biases_norms_embeddings_and_logit_scale():
         assert name in decayed, name
 
 
+@pytest.mark.parametrize("rule", ["open_clip", "all"])
+def test_the_other_decay_rules(rule):
+    model, _, _ = alip.create_model("ALIP-Tiny")
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.2, decay_params=rule))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
+    if rule == "all":  # the release: one group, every parameter
+        assert len(opt.param_groups) == 1 and decayed == set(names.values())
+        return
+    # open_clip_train/main.py's rule, as it reads there: 2-D embeddings are decayed
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    assert decayed == {n for n, p in model.named_parameters() if not exclude(n, p)}
+    assert {"token_embedding.weight", "positional_embedding", "visual.positional_embedding"} <= decayed
+    assert not {"logit_scale", "visual.class_embedding", "ln_final.weight"} & decayed
+
+
 def lrs_and_beta1(cfg, steps, lr=1e-3):
     param = torch.nn.Parameter(torch.zeros(2, 2))
     opt = torch.optim.AdamW([{"params": [param]}], lr=lr, betas=(0.9, 0.98))

@@ -1,8 +1,16 @@
-"""AdamW with CLIP's weight-decay exclusions, and the learning-rate schedules of the config.
+"""AdamW with the weight-decay rule of the config, and the learning-rate schedules of the config.
 
-Weight decay is not applied to biases, norm parameters, embeddings (token, positional, class) and
-logit_scale. Decaying a temperature or a LayerNorm gain towards zero has no regularising meaning.
-The released ALIP code decayed everything; CLIP and open_clip exclude these, and so do we.
+`optim.decay_params` names which parameters weight decay applies to:
+- "no_embeddings" (our default): weight matrices and conv kernels only. Not biases, norm gains,
+  logit_scale, nor the embeddings (token table, positional embeddings, class token), as timm's ViT
+  (`no_weight_decay`: pos_embed, cls_token) and minGPT do. Decaying a temperature or a LayerNorm gain
+  towards zero has no regularising meaning, and a decoupled decay shrinks every row of the token table
+  at every step while only the rows of the tokens in the batch get gradient: rare tokens fade.
+- "open_clip": open_clip's training rule (open_clip_train/main.py: no decay where `p.ndim < 2` or the
+  name holds "bn", "ln", "bias" or "logit_scale"). The token table and the positional embeddings
+  (2-D) ARE decayed there; the class token (1-D) is not.
+- "all": every parameter, logit_scale and LayerNorm gains included: the release (deepglint/ALIP
+  train.py gives AdamW all of the model's parameters in one group).
 """
 
 from __future__ import annotations
@@ -17,23 +25,31 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from alip.config import OptimConfig, ScheduleConfig
 
-_NO_DECAY_NAMES = ("embedding", "logit_scale", "logit_bias")
+_EMBEDDING_NAMES = ("embedding", "logit_scale", "logit_bias")
+_OPEN_CLIP_NO_DECAY_NAMES = ("bn", "ln", "bias", "logit_scale")
 
 
-def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether weight decay applies: matrices and conv kernels only, and no embeddings."""
-    return param.ndim >= 2 and not any(key in name for key in _NO_DECAY_NAMES)
+def decays(name: str, param: torch.Tensor, rule: str = "no_embeddings") -> bool:
+    """Whether weight decay applies to parameter `name` under `rule` (see the module docstring)."""
+    if rule == "all":
+        return True
+    if rule == "open_clip":
+        return param.ndim >= 2 and not any(key in name for key in _OPEN_CLIP_NO_DECAY_NAMES)
+    if rule == "no_embeddings":
+        return param.ndim >= 2 and not any(key in name for key in _EMBEDDING_NAMES)
+    raise ValueError(f"unknown decay rule {rule!r}")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if decays(name, param) else no_decay).append(param)
+            (decay if decays(name, param, cfg.decay_params) else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]  # "all": one group, as the release
     fused = all(p.is_cuda for p in decay + no_decay)  # the fused kernel is CUDA-only
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 

@@ -22,12 +22,19 @@ logger = logging.getLogger("alip.train")
 # EMAs and data position meaningful. A trailing "." takes a whole section.
 APPLIED = (
     "output_dir",  # resuming another folder's checkpoint into a new one forks that run
-    "optim.",  # lr, weight decay, betas, eps, grad clip: the optimizer's groups are set from the config
-    "schedule.",  # rebuilt from the config and placed at the checkpoint's step
+    # The optimizer's groups take these from the config. Not optim.decay_params: it changes which
+    # parameters each group holds, and the checkpoint's Adam moments are stored by position in the groups.
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.betas",
+    "optim.eps",
+    "optim.grad_clip",
+    "schedule.",  # rebuilt from the config and placed at the checkpoint's step (step_on_skip: from then on)
     "train.epochs",  # the run's length: the schedule is rebuilt for the new total
     "train.max_steps",
     "train.accum_steps",  # exact accumulation: the same gradient over other micro-batches
     "train.precision",  # numerics of the coming steps; fp16 gets a fresh loss scaler if it had none
+    "train.scaler_growth_interval",  # set on the checkpoint's loss scaler (Trainer.load_state_dict)
     "train.deterministic",
     "train.max_consecutive_skips",
     "model.grad_checkpointing",  # memory and speed only
@@ -42,8 +49,9 @@ APPLIED = (
     "eval.",
 )
 # Refused, everything else, and an option added later until it is listed here: the model
-# (model.pretrained only sets starting weights, which the checkpoint replaces), the objective
-# (loss.*: its terms, gates and EMA semantics), and the data and its order (data.train, loader,
+# (model.pretrained only sets starting weights, which the checkpoint replaces), the optimizer's
+# parameter groups (optim.decay_params), the objective (loss.*: its terms, gates and EMA semantics,
+# and the gradient scale of local_loss/gather_with_grad), and the data and its order (data.train, loader,
 # image size, augmentation, shuffle buffer, train.batch_size, seed): the checkpoint's weights,
 # EMAs and loader position only mean something with the values they had.
 

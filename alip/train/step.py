@@ -18,8 +18,9 @@ the gradient of the loss on the whole batch, whatever k is (up to float summatio
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -35,10 +36,13 @@ FEATURES = ("image_features", "raw_features", "caption_features")
 class StepOutcome:
     """What one step did. `losses` holds rank-averaged loss terms (NaN where the loss was skipped)."""
 
-    applied: bool  # False: non-finite loss inputs or gradients, optimizer and scheduler not stepped
+    applied: bool  # False: non-finite loss inputs or gradients; optimizer not stepped (schedule: see step_on_skip)
     losses: dict[str, float]
     gates: dict[str, torch.Tensor]  # weight_* over the global batch [N] (empty when skipped)
     grad_norm: float
+    # "gate/sim_tc_mean", ..., "gate/ema_ic": the release's per-step log (AlipLoss.stat_names), NaN when
+    # the loss inputs were non-finite
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
@@ -110,6 +114,16 @@ def all_ranks_finite(ok: bool, device: torch.device) -> bool:
     if get_world_size() > 1:
         dist.all_reduce(flag)
     return bool(flag.item() == 0)
+
+
+def gate_stats(loss_fn: AlipLoss, res: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    """The loss's gate statistics as `gate/<name>` floats, in one host sync. They are computed over the
+    global batch, so every rank has the same values: no reduction. NaN where the step had no loss."""
+    names = loss_fn.stat_names
+    if res is None or not names:
+        return {f"gate/{n}": math.nan for n in names}
+    values = torch.stack([res[n].detach().float().reshape(()) for n in names]).tolist()
+    return {f"gate/{n}": v for n, v in zip(names, values, strict=True)}
 
 
 def rank_mean(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:

@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from alip.model import CheckpointError
 from alip.train.checkpoint import Checkpointer, checkpoint_dir, rng_state, set_rng_state
 from alip.train.logger import TrainLogger
 from alip.train.optim import build_optimizer, build_scheduler, resume_optimizer
-from alip.train.step import StepOutcome, all_ranks_finite, forward_backward, rank_mean
+from alip.train.step import StepOutcome, all_ranks_finite, forward_backward, gate_stats, rank_mean
 
 logger = logging.getLogger("alip.train")
 
@@ -82,6 +83,14 @@ def build_loader(cfg: Config, shape: RunShape, device: torch.device) -> Any:
     return TorchLoader(d.train, config, train=True, device=device)
 
 
+def scaler_state(saved: dict[str, Any], growth_interval: int) -> dict[str, Any]:
+    """A checkpoint's GradScaler state under this config's growth interval: its load_state_dict would
+    bring back the checkpoint's. torch grows the scale when the count of good steps reaches the
+    interval exactly, so a count at or past a shortened interval is capped to grow at the next one."""
+    tracker = min(saved["_growth_tracker"], growth_interval - 1)
+    return {**saved, "growth_interval": growth_interval, "_growth_tracker": tracker}
+
+
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
@@ -113,7 +122,9 @@ class Trainer:
         self.total_steps = total_steps(cfg, len(self.loader))
         self.optimizer = build_optimizer(self.clip, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=cfg.train.precision == "fp16", growth_interval=cfg.train.scaler_growth_interval
+        )
         ck = cfg.checkpoint
         self.checkpointer = Checkpointer(checkpoint_dir(self.run_dir), ck.every_steps, ck.every_minutes, ck.keep_last)
         self.logger = TrainLogger(cfg.log, self.run_dir, self.rank == 0, to_dict(cfg))
@@ -207,7 +218,7 @@ class Trainer:
         self.clip.load_state_dict(state["model"])
         resume_optimizer(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])
         if state["scaler"]:  # empty where the checkpoint's run had no fp16 loss scaler: keep the fresh one
-            self.scaler.load_state_dict(state["scaler"])
+            self.scaler.load_state_dict(scaler_state(state["scaler"], self.cfg.train.scaler_growth_interval))
         self.loss_fn.load_state_dict(state["loss"])
         self.state = TrainState(**state["train_state"])
         mine = state["ranks"][self.rank]
@@ -240,11 +251,14 @@ class Trainer:
         if applied:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.scheduler.step()  # once per applied optimizer step, never per micro-batch
             with torch.no_grad():
                 self.clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         elif self.scaler.is_enabled():
             self.scaler.update()  # an fp16 overflow lowers the loss scale
+        if applied or self.cfg.schedule.step_on_skip:  # once per step, never per micro-batch
+            with warnings.catch_warnings():  # torch warns where a skipped first step comes before any optimizer step
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._count_skip(applied)
         if res is None:
@@ -253,7 +267,7 @@ class Trainer:
         else:
             losses = rank_mean({k: res[k] for k in ("loss", "loss_raw", "loss_caption") if k in res}, self.device)
             gates = {k: res[k].detach() for k in ("weight_sample", "weight_raw", "weight_caption") if k in res}
-        return StepOutcome(applied, losses, gates, float(grad_norm))
+        return StepOutcome(applied, losses, gates, float(grad_norm), gate_stats(self.loss_fn, res))
 
     def _count_skip(self, applied: bool) -> None:
         s = self.state
@@ -295,7 +309,7 @@ class Trainer:
             self.state.step += 1
             self.state.samples_seen += global_batch
             step = self.state.step
-            self.logger.record_step(step, outcome.losses, outcome.applied)
+            self.logger.record_step(step, {**outcome.losses, **outcome.stats}, outcome.applied)
             if self.logger.should_log(step):
                 self.logger.log(step, self._metrics(outcome, meter))
             self.logger.histograms(step, outcome.gates)
@@ -369,7 +383,7 @@ class Trainer:
             m["train/tflops_per_s_per_rank"] = flops_per_s / 1e12
             if self._peak_tflops:  # a GPU of the peak table (alip.flops.PEAK_TFLOPS_BF16)
                 m["train/mfu"] = flops_per_s / 1e12 / self._peak_tflops
-        m.update({f"train/{k}": v for k, v in outcome.losses.items()})
+        m.update({f"train/{k}": v for k, v in {**outcome.losses, **outcome.stats}.items()})  # train/gate/sim_tc_mean...
         m.update({f"train/gate/{k}_mean": float(v.float().mean()) for k, v in outcome.gates.items()})
         return m
 
