@@ -39,7 +39,17 @@ class DataConfig:
     image_size: int = 224
     random_area: tuple[float, float] = (0.7, 1.0)  # the released recipe's random crop
     random_aspect_ratio: tuple[float, float] = (0.8, 1.25)
+    # Draws before the random crop falls back to its fixed-size window (the largest one in the ratio
+    # range: no scale augmentation), as the release. DALI's and torchvision's default of 10 falls
+    # back for ~40% of 3:2 photos (see alip.data.loader_config).
+    crop_attempts: int = 100
     flip_prob: float = 0.5
+    # The records of an epoch that do not fill a batch on every rank: "drop" them (fewer than one
+    # global batch per epoch; every batch holds distinct records) or "pad" each rank's last batch by
+    # repeating its last sample (DALI's pad_last_batch; the copies are negatives of each other in
+    # the loss). samples_seen counts the global batch per step: real distinct samples with "drop",
+    # the copies too with "pad". See alip.data.loader_config.
+    last_batch: Literal["drop", "pad"] = "drop"
     shuffle_buffer: int = 4096
     num_threads: int = 4  # DALI threads per rank
     num_workers: int = 4  # torch loader worker processes per rank
@@ -307,6 +317,7 @@ RANGES: dict[str, Range] = {
     "data.random_area": Range(0, 1, low_open=True),  # a fraction of the image area
     "data.random_aspect_ratio": POSITIVE,
     "data.flip_prob": PROBABILITY,
+    "data.crop_attempts": AT_LEAST_1,
     "data.shuffle_buffer": AT_LEAST_1,
     "data.num_threads": AT_LEAST_1,
     "data.num_workers": NON_NEGATIVE,  # 0: decode in the training process

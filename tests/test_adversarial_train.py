@@ -69,6 +69,7 @@ OUT_OF_RANGE = {
     "data.random_area": "[0.0, 1.0]",
     "data.random_aspect_ratio": "[-1.0, 1.0]",
     "data.flip_prob": 1.5,
+    "data.crop_attempts": 0,
     "data.shuffle_buffer": 0,
     "data.num_threads": 0,
     "data.num_workers": -1,

@@ -83,8 +83,9 @@ def test_eval_batches_hold_the_source_tokens_and_images(shards):
     assert keys == shards.keys  # eval mode reads the shards in order
 
 
-def test_original_release_rec_reads_with_its_tokens_and_images():
-    cfg = config(batch_size=4, image_size=96)
+@pytest.mark.parametrize("last_batch", ["drop", "pad"])
+def test_original_release_rec_reads_with_its_tokens_and_images(last_batch):
+    cfg = config(batch_size=4, image_size=96, last_batch=last_batch)
     loader = DaliLoader(OFFICIAL_REC, cfg, train=False)
     assert len(loader) == 2
     batches = epoch(loader)
@@ -93,14 +94,17 @@ def test_original_release_rec_reads_with_its_tokens_and_images():
     images = torch.cat([b["image"] for b in batches])
     with RecordIOReader(OFFICIAL_REC) as reader:
         jpegs = [schema.parse_record(record)[3] for _, record in reader]
-    for i, sample in enumerate(OFFICIAL):  # 7 records then one padding sample
+    for i, sample in enumerate(OFFICIAL):  # 7 records
         assert text[i].tolist() == sample["raw_tokens"], sample["image"]
         assert caption[i].tolist() == sample["caption_tokens"], sample["image"]
         h, w, _ = sample["image_shape_hwc"]
         with Image.open(io.BytesIO(jpegs[i])) as im:
             assert im.size == (w, h)
         assert_close_image(images[i], jpegs[i], cfg)
-    assert text[7].tolist() == OFFICIAL[6]["raw_tokens"]  # pad_last_batch repeats the last sample
+    if last_batch == "pad":  # the release's reader repeats the last sample
+        assert len(text) == 8 and text[7].tolist() == OFFICIAL[6]["raw_tokens"]
+    else:  # eval mode never drops: the last batch is short
+        assert [len(b["text"]) for b in batches] == [4, 3]
 
 
 @pytest.mark.parametrize(
@@ -108,8 +112,10 @@ def test_original_release_rec_reads_with_its_tokens_and_images():
     [("shards", 24, 5, 3), ("official", 7, 3, 2)],
 )
 def test_two_ranks_cover_every_record_once_per_epoch_in_equal_steps(shards, spec, num_records, batch_size, steps):
+    """last_batch=pad (the release): every record once per epoch plus padding; drop: tests/test_loader_batches.py."""
     source = shards.meta if spec == "shards" else OFFICIAL_REC
-    loaders = [DaliLoader(source, config(batch_size=batch_size), train=True, rank=r, world_size=2) for r in range(2)]
+    cfg = config(batch_size=batch_size, last_batch="pad")
+    loaders = [DaliLoader(source, cfg, train=True, rank=r, world_size=2) for r in range(2)]
     assert [len(loader) for loader in loaders] == [steps, steps]
     for _ in range(2):  # DALI moves each rank to the other half in the second epoch
         seen = []

@@ -286,13 +286,14 @@ def test_dali_reads_the_shards_of_a_run_with_planted_bad_inputs_end_to_end(plant
     config = LoaderConfig(batch_size=4, image_size=64, num_threads=1)
     loader = DaliLoader(report.meta_path, config, train=False, rank=0, world_size=1, device="cpu")
     seen = []
-    for batch in loader:
-        assert batch["image"].shape == (4, 3, 64, 64) and torch.isfinite(batch["image"]).all()
+    for batch in loader:  # eval mode: the last batch is short, nothing is repeated
+        assert batch["image"].shape[1:] == (3, 64, 64) and len(batch["image"]) <= 4
+        assert torch.isfinite(batch["image"]).all()
         for raw, cap in zip(batch["text"].tolist(), batch["caption"].tolist(), strict=True):
             entry = by_tokens[(tuple(raw), tuple(cap))]  # each row is one of the records data2rec wrote
             seen.append(entry["key"])
     loader.close()
-    assert set(seen) == {v[0] for v in records.values()} and len(records) == len(rows) - len(bad)
+    assert sorted(seen) == sorted(v[0] for v in records.values()) and len(records) == len(rows) - len(bad)
 
 
 @pytest.mark.parametrize("fmt", ["tsv", "csv", "parquet"])

@@ -64,11 +64,10 @@ def test_original_release_rec_tokens():
 
 @pytest.mark.parametrize(("num_workers", "batch_size"), [(0, 5), (2, 4)])
 def test_two_ranks_cover_every_record_once_per_epoch_in_equal_steps(shards, num_workers, batch_size):
-    loaders = [
-        TorchLoader(shards.meta, config(batch_size=batch_size, num_workers=num_workers), rank=r, world_size=2)
-        for r in range(2)
-    ]
-    steps = steps_per_epoch(24, batch_size, 2)
+    """last_batch=pad (the release): every record once per epoch plus padding; drop: tests/test_loader_batches.py."""
+    cfg = config(batch_size=batch_size, num_workers=num_workers, last_batch="pad")
+    loaders = [TorchLoader(shards.meta, cfg, rank=r, world_size=2) for r in range(2)]
+    steps = steps_per_epoch(24, batch_size, 2, "pad")
     assert [len(loader) for loader in loaders] == [steps, steps]
     orders = []
     for _ in range(2):
@@ -141,6 +140,8 @@ def test_bad_shards_and_inputs_give_clear_errors(shards, tmp_path):
         ({"mean": (0.5, 0.5)}, "mean"),
         ({"num_workers": -1}, "num_workers"),
         ({"shuffle_buffer": 0}, "shuffle_buffer"),
+        ({"crop_attempts": 0}, "crop_attempts"),
+        ({"last_batch": "fill"}, "last_batch"),
     ],
 )
 def test_loader_config_rejects_bad_values(kw, match):

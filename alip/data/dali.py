@@ -9,10 +9,14 @@ on the training device. Iterating the loader runs ONE epoch, starting where the 
 a loader restored mid-epoch finishes that epoch first); `len(loader)` is the number of steps per
 epoch, equal on every rank.
 
-Sharding. Rank r of W reads DALI shard r of the concatenated records; with `pad_last_batch` each
-rank's share is padded to ceil(N / W) samples and then to whole batches by repeating its last
-sample, so every rank takes the same number of steps. DALI moves each rank on to the next shard
-after every epoch (no `stick_to_shard`), so over W epochs every rank sees every record.
+Sharding. Rank r of W reads DALI shard r of the concatenated records, and DALI moves each rank on
+to the next shard after every epoch (no `stick_to_shard`), so over W epochs every rank sees every
+record. The reader always runs with `pad_last_batch=True`: each rank's share is padded to whole
+batches by repeating its last sample, equal on every rank, and an epoch never reads into the next.
+`config.last_batch` (see alip.data.loader_config) then decides what this loader yields: "pad" (the
+release) yields the padded batches as they are; "drop" yields only the batches every rank fills
+with real records and reads the rest of the epoch without yielding it (at most one batch); eval
+mode without "pad" cuts the padding off the last batches, so every record comes exactly once.
 
 Damaged records. The start-up preflight checks the framing only. Every batch's labels are checked
 on the host (`schema.decode_label`: finite, integral token ids) before they become int64 tokens; a
@@ -38,12 +42,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from alip.data import schema
-from alip.data.loader_config import LoaderConfig, check_loader_state, place_loader, steps_per_epoch
+from alip.data.loader_config import (
+    LoaderConfig,
+    batch_rows,
+    check_loader_state,
+    dropped_per_epoch,
+    place_loader,
+    steps_per_epoch,
+)
 from alip.data.recordio import RecordIOError, ShardCheck, read_idx
 
 logger = logging.getLogger(__name__)
@@ -93,6 +105,8 @@ def _alip_pipeline(
         index_path=[index_path],
         shard_id=shard_id,
         num_shards=num_shards,
+        # In every `last_batch` mode: the padding keeps epochs apart and the step count equal on
+        # every rank; DaliLoader decides what of the padded tail it yields.
         pad_last_batch=True,
         random_shuffle=train and config.shuffle,
         initial_fill=config.shuffle_buffer,
@@ -109,6 +123,7 @@ def _alip_pipeline(
             output_type=types.RGB,
             random_area=list(config.random_area),
             random_aspect_ratio=list(config.random_aspect_ratio),
+            num_attempts=config.crop_attempts,  # DALI's default 10 falls back for ~40% of 3:2 photos
         )
         images = fn.resize(images, resize_x=size, resize_y=size)  # [H, W, 3] uint8, H = W = size
         mirror = fn.random.coin_flip(probability=config.flip_prob)
@@ -157,7 +172,11 @@ class DaliLoader:
         self.train = train
         self.rank, self.world_size, self.device, self.shards = place_loader(shards, config, rank, world_size, device)
         self.num_records = sum(s.num_records for s in self.shards)
-        self.steps_per_epoch = steps_per_epoch(self.num_records, config.batch_size, self.world_size)
+        self.mode = config.epoch_mode(train)
+        self.steps_per_epoch = steps_per_epoch(self.num_records, config.batch_size, self.world_size, self.mode)
+        self.dropped_per_epoch = dropped_per_epoch(self.num_records, config.batch_size, self.world_size, self.mode)
+        # What the padded reader delivers per epoch; with "drop" the last of these are read, not yielded.
+        self._reader_steps = steps_per_epoch(self.num_records, config.batch_size, self.world_size, "pad")
         self.epoch = 0
         self.step = 0  # batches of `epoch` already yielded
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
@@ -168,7 +187,8 @@ class DaliLoader:
             self._index_path = str(combined_index(self.shards, Path(self._tmpdir.name) / "combined.idx"))
         self._iterator: DALIGenericIterator | None = self._build()
         logger.info(
-            "DALI %s loader: %d records in %d shards, rank %d/%d, %d steps of %d per epoch, decoding on %s",
+            "DALI %s loader: %d records in %d shards, rank %d/%d, %d steps of %d per epoch (last batch: %s, "
+            "%d records dropped per epoch), decoding on %s",
             "train" if train else "eval",
             self.num_records,
             len(self.shards),
@@ -176,6 +196,8 @@ class DaliLoader:
             self.world_size,
             self.steps_per_epoch,
             config.batch_size,
+            self.mode,
+            self.dropped_per_epoch,
             "GPU" if self.device.type == "cuda" else "CPU",
         )
 
@@ -205,11 +227,11 @@ class DaliLoader:
             auto_reset=False,
         )
         meta = pipe.reader_meta(READER_NAME)
-        if meta["epoch_size"] != self.num_records or len(iterator) != self.steps_per_epoch:
+        if meta["epoch_size"] != self.num_records or len(iterator) != self._reader_steps:
             # The index handed to DALI and the preflight disagree: a bug here, not bad input.
             raise RuntimeError(
                 f"DALI reader sees {meta['epoch_size']} records / {len(iterator)} steps, expected "
-                f"{self.num_records} / {self.steps_per_epoch}"
+                f"{self.num_records} / {self._reader_steps}"
             )
         return iterator
 
@@ -226,8 +248,14 @@ class DaliLoader:
         iterator = self._live_iterator()
         while self.step < self.steps_per_epoch:
             out = self._next(iterator)
+            part = (self.rank + self.epoch) % self.world_size
+            rows = batch_rows(self.num_records, self.config.batch_size, self.world_size, part, self.step, self.mode)
             self.step += 1
-            yield self._to_batch(out["image"], out["label"], out["source"])
+            yield self._to_batch(out["image"][:rows], out["label"][:rows], out["source"][:rows])
+        # "drop": the reader still holds the padded tail of this rank's part (at most one batch);
+        # read it so that the next epoch starts at the next part, as in the other modes.
+        for _ in range(self._reader_steps - self.steps_per_epoch):
+            self._next(iterator)
         # The iterator has handed out its whole epoch: this starts the next one without reading data.
         iterator.reset()
         self.epoch += 1
@@ -270,10 +298,13 @@ class DaliLoader:
         # torch tensors, so these are safe to keep.
         if labels.shape[-1] != schema.LABEL_LENGTH:
             raise ValueError(f"record labels have {labels.shape[-1]} floats, expected {schema.LABEL_LENGTH}")
-        try:
-            text, caption = schema.decode_label(labels.numpy())  # [B, 77] int64 each
-        except schema.TokenError as e:
-            raise RecordIOError(f"{self._record_at(sources[e.row])}: {e}; {schema.DEEP_CHECK_HINT}") from None
+        if len(labels) == 0:  # eval: a rank whose part ran out takes the step with an empty batch
+            text = caption = np.zeros((0, schema.CONTEXT_LENGTH), dtype=np.int64)
+        else:
+            try:
+                text, caption = schema.decode_label(labels.numpy())  # [B, 77] int64 each
+            except schema.TokenError as e:
+                raise RecordIOError(f"{self._record_at(sources[e.row])}: {e}; {schema.DEEP_CHECK_HINT}") from None
         return {
             "image": images.to(self.device, non_blocking=True),  # [B, 3, H, W] float32
             "text": torch.from_numpy(text).to(self.device, non_blocking=True),  # [B, 77]
@@ -303,6 +334,7 @@ class DaliLoader:
             "batch_size": self.config.batch_size,
             "num_records": self.num_records,
             "train": int(self.train),
+            "last_batch": self.mode,
             "dali_checkpoint": base64.b64encode(checkpoint).decode("ascii"),
         }
 
@@ -314,7 +346,10 @@ class DaliLoader:
             "batch_size": self.config.batch_size,
             "num_records": self.num_records,
             "train": int(self.train),
+            "last_batch": self.mode,
         }
+        # A state written before `last_batch` existed is a "pad" one: its steps cut the epoch otherwise.
+        state = {"last_batch": "pad", **state}
         # The DALI checkpoint is per rank and per sharding.
         check_loader_state(state, STATE_KIND, STATE_VERSION, expected, self.steps_per_epoch)
         checkpoint = base64.b64decode(state["dali_checkpoint"])

@@ -8,16 +8,20 @@ same epoch semantics (iterating runs the rest of the current epoch; `len` = step
 on every rank) and the same state_dict shape. It is what runs where DALI is not installed, and the
 baseline for benchmarks/loader_throughput.py.
 
-Differences from DALI, by design: the shuffle is a full permutation per epoch (DALI shuffles within
-a buffer), and ranks take contiguous slices of it padded by wrapping around (DALI repeats each
-rank's last sample). Augmentation is seeded per sample position, so it does not depend on the
-number of workers and a mid-epoch resume (which skips the batches already seen) reproduces the
-same samples and the same augmentations.
+Batches are cut from the epoch as DALI cuts them (see alip.data.loader_config: the same parts per
+rank, moving on by one part per epoch, the same `last_batch` modes and the same step counts), and
+the random crop makes `config.crop_attempts` attempts as DALI's does (torchvision's
+RandomResizedCrop makes 10). The one difference by design: the shuffle is a full permutation per
+epoch, drawn before the records are split into parts (DALI shuffles within a buffer of each part).
+Augmentation is seeded per sample position, so it does not depend on the number of workers and a
+mid-epoch resume (which skips the batches already seen) reproduces the same samples and the same
+augmentations.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,10 +33,18 @@ import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from alip.data import schema
 from alip.data.images import BadImage, open_image
-from alip.data.loader_config import LoaderConfig, check_loader_state, place_loader, steps_per_epoch
+from alip.data.loader_config import (
+    LoaderConfig,
+    check_loader_state,
+    dropped_per_epoch,
+    place_loader,
+    rank_part,
+    steps_per_epoch,
+)
 from alip.data.recordio import RecordIOError, RecordIOReader, ShardCheck, read_idx
 
 logger = logging.getLogger(__name__)
@@ -41,12 +53,54 @@ STATE_KIND = "alip-torch-loader"
 STATE_VERSION = 1
 
 
+def crop_window(
+    height: int, width: int, area: tuple[float, float], ratio: tuple[float, float], attempts: int
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop of `area` (fraction of the image) and width/height `ratio`.
+
+    Up to `attempts` draws of (area, log-uniform ratio); the first window that fits is placed
+    uniformly. When none fits, the fallback window: the whole image with its aspect ratio clamped
+    into `ratio`, centred. Draws from torch's global generator in torchvision's order, so with 10
+    attempts this is torchvision's RandomResizedCrop.get_params, draw for draw.
+    """
+    log_lo, log_hi = torch.log(torch.tensor(ratio)).tolist()  # float32 logs, as torchvision's
+    for _ in range(attempts):
+        target = height * width * torch.empty(1).uniform_(area[0], area[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_lo, log_hi)).item()
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+            return top, left, h, w
+    aspect = width / height
+    if aspect < ratio[0]:  # too tall: full width, height cut to the narrowest allowed ratio
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:  # too wide: full height
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class RandomAreaCrop(T.RandomResizedCrop):
+    """RandomResizedCrop with `attempts` draws before the fallback window (torchvision: always 10)."""
+
+    def __init__(self, size: int, area: tuple[float, float], ratio: tuple[float, float], attempts: int) -> None:
+        super().__init__(size, scale=area, ratio=ratio)
+        self.attempts = attempts
+
+    def forward(self, img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        _, height, width = TF.get_dimensions(img)
+        top, left, h, w = crop_window(height, width, self.scale, self.ratio, self.attempts)
+        return TF.resized_crop(img, top, left, h, w, self.size, self.interpolation, antialias=self.antialias)
+
+
 def build_transform(config: LoaderConfig, train: bool) -> T.Compose:
     """PIL RGB image -> normalised float32 [3, size, size]; the torchvision twin of the DALI pipeline."""
     size = config.image_size
     if train:
         geometry = [
-            T.RandomResizedCrop(size, scale=config.random_area, ratio=config.random_aspect_ratio),
+            RandomAreaCrop(size, config.random_area, config.random_aspect_ratio, config.crop_attempts),
             T.RandomHorizontalFlip(config.flip_prob),
         ]
     else:
@@ -157,13 +211,23 @@ def worker_errors() -> Iterator[None]:
 class EpochSampler(Sampler):
     """This rank's `(index, aug_seed)` items of one epoch, from a given step on.
 
-    Every rank computes the same global order: a seeded permutation (or file order), padded by
-    wrapping around to world_size * steps * batch_size items so that all ranks take `steps` full
-    batches; rank r takes the r-th contiguous slice.
+    Every rank computes the same epoch order (a seeded permutation, or file order) and reads part
+    (rank + epoch) % W of it, as DALI's reader splits and rotates its parts. `mode` (see
+    LoaderConfig.epoch_mode) then makes `steps` batches of the part: "pad" repeats the part's last
+    item up to `steps` full batches, "drop" keeps the first `steps` full batches, "trim" keeps the
+    part as it is (TorchLoader ends the epoch with short or empty batches).
     """
 
     def __init__(
-        self, num_records: int, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int, augment: bool
+        self,
+        num_records: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        shuffle: bool,
+        seed: int,
+        augment: bool,
+        mode: str,
     ) -> None:
         self.num_records = num_records
         self.batch_size = batch_size
@@ -172,33 +236,45 @@ class EpochSampler(Sampler):
         self.shuffle = shuffle
         self.seed = seed
         self.augment = augment
-        self.steps = steps_per_epoch(num_records, batch_size, world_size)
+        self.mode = mode
+        self.steps = steps_per_epoch(num_records, batch_size, world_size, mode)
         self.epoch = 0
         self.start_step = 0
 
     def set_position(self, epoch: int, step: int) -> None:
         self.epoch, self.start_step = epoch, step
 
-    def __len__(self) -> int:
-        return (self.steps - self.start_step) * self.batch_size
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        per_rank = self.steps * self.batch_size
-        total = per_rank * self.world_size
+    def epoch_items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(record indices, augmentation seeds) of this rank's whole current epoch, in order."""
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_records)
         else:
             order = np.arange(self.num_records)
-        order = np.resize(order, total)  # wraps around: the padding repeats the first samples
+        begin, end = rank_part(self.num_records, self.world_size, (self.rank + self.epoch) % self.world_size)
+        mine = order[begin:end]
+        per_rank = self.steps * self.batch_size
+        if self.mode == "pad":
+            mine = np.concatenate([mine, np.full(per_rank - len(mine), mine[-1])])
+        elif self.mode == "drop":
+            mine = mine[:per_rank]
         if self.augment:
-            # One seed per global position: independent of the worker count, and the same after a resume.
-            seeds = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, 2**62, size=total)
+            # One seed per position of every rank's stream: independent of the worker count, and the
+            # same after a resume.
+            rng = np.random.default_rng([self.seed, self.epoch, 1])
+            seeds = rng.integers(0, 2**62, size=per_rank * self.world_size)[self.rank * per_rank :][: len(mine)]
         else:
-            seeds = np.full(total, -1, dtype=np.int64)
-        begin = self.rank * per_rank + self.start_step * self.batch_size
-        end = (self.rank + 1) * per_rank
-        for i in range(begin, end):
-            yield int(order[i]), int(seeds[i])
+            seeds = np.full(len(mine), -1, dtype=np.int64)
+        return mine, seeds
+
+    def __len__(self) -> int:
+        begin, end = rank_part(self.num_records, self.world_size, (self.rank + self.epoch) % self.world_size)
+        total = end - begin if self.mode == "trim" else self.steps * self.batch_size
+        return max(0, total - self.start_step * self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices, seeds = self.epoch_items()
+        for i in range(self.start_step * self.batch_size, len(indices)):
+            yield int(indices[i]), int(seeds[i])
 
 
 class TorchLoader:
@@ -225,6 +301,7 @@ class TorchLoader:
         self.rank, self.world_size, self.device, self.shards = place_loader(shards, config, rank, world_size, device)
         self.dataset = RecordDataset(self.shards, config, train)
         self.num_records = len(self.dataset)
+        self.mode = config.epoch_mode(train)
         self.sampler = EpochSampler(
             self.num_records,
             config.batch_size,
@@ -233,8 +310,10 @@ class TorchLoader:
             shuffle=train and config.shuffle,
             seed=config.seed,
             augment=train,
+            mode=self.mode,
         )
         self.steps_per_epoch = self.sampler.steps
+        self.dropped_per_epoch = dropped_per_epoch(self.num_records, config.batch_size, self.world_size, self.mode)
         self.epoch = 0
         self.step = 0  # batches of `epoch` already yielded
         workers = config.num_workers
@@ -248,7 +327,8 @@ class TorchLoader:
             prefetch_factor=config.prefetch if workers > 0 else None,
         )
         logger.info(
-            "torch %s loader: %d records in %d shards, rank %d/%d, %d steps of %d per epoch, %d workers",
+            "torch %s loader: %d records in %d shards, rank %d/%d, %d steps of %d per epoch (last batch: %s, "
+            "%d records dropped per epoch), %d workers",
             "train" if train else "eval",
             self.num_records,
             len(self.shards),
@@ -256,6 +336,8 @@ class TorchLoader:
             self.world_size,
             self.steps_per_epoch,
             config.batch_size,
+            self.mode,
+            self.dropped_per_epoch,
             workers,
         )
 
@@ -269,8 +351,20 @@ class TorchLoader:
             for batch in self._loader:
                 self.step += 1
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        # "trim" (eval): a rank whose part ran out still takes every step, with empty batches.
+        while self.step < self.steps_per_epoch:
+            self.step += 1
+            yield self._empty_batch()
         self.epoch += 1
         self.step = 0
+
+    def _empty_batch(self) -> dict[str, torch.Tensor]:
+        size, tokens = self.config.image_size, schema.CONTEXT_LENGTH
+        return {
+            "image": torch.zeros(0, 3, size, size, device=self.device),  # [0, 3, H, W]
+            "text": torch.zeros(0, tokens, dtype=torch.int64, device=self.device),  # [0, 77]
+            "caption": torch.zeros(0, tokens, dtype=torch.int64, device=self.device),  # [0, 77]
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Plain int state (safe for `torch.load(weights_only=True)`)."""
@@ -283,6 +377,7 @@ class TorchLoader:
             "batch_size": self.config.batch_size,
             "num_records": self.num_records,
             "seed": self.config.seed,
+            "last_batch": self.mode,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -292,7 +387,10 @@ class TorchLoader:
             "batch_size": self.config.batch_size,
             "num_records": self.num_records,
             "seed": self.config.seed,
+            "last_batch": self.mode,
         }
+        # A state written before `last_batch` existed is a "pad" one: its steps cut the epoch otherwise.
+        state = {"last_batch": "pad", **state}
         check_loader_state(state, STATE_KIND, STATE_VERSION, expected, self.steps_per_epoch)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 

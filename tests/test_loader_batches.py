@@ -1,0 +1,224 @@
+"""Both loaders at the ends of epochs: no batch holds two copies of a record (unless last_batch=pad, the
+release's), every record once per epoch except the ones dropped and counted, equal steps on every
+rank, exact resume at the point where the dropped tail is read; and the random crop's attempts.
+
+Two ranks are two loader instances (rank=0/1, world_size=2): the loaders need no process group.
+23 records in batches of 4 divide neither the batch nor the ranks: DALI's parts are 11 and 12.
+"""
+
+import io
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from shard_factory import write_test_shards
+from torchvision import transforms as T
+
+from alip.config import RunShape, load_config
+from alip.data import schema
+from alip.data.loader_config import LoaderConfig, rank_part
+from alip.data.recordio import RecordIOWriter
+from alip.data.torch_loader import TorchLoader, build_transform, crop_window
+from alip.train.trainer import build_loader
+
+RECORDS, BATCH, WORLD = 23, 4, 2
+KINDS = ["dali", "torch"]
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    return write_test_shards(tmp_path_factory.mktemp("odd"), num_records=RECORDS, per_shard=10)
+
+
+def loader_class(kind):
+    if kind == "dali":
+        from alip.data.dali import DaliLoader
+
+        return DaliLoader
+    return TorchLoader
+
+
+def config(**kw) -> LoaderConfig:
+    base = {"batch_size": BATCH, "image_size": 32, "num_threads": 1, "num_workers": 0, "shuffle_buffer": 8, "seed": 7}
+    return LoaderConfig(**{**base, **kw})
+
+
+def ranks(kind, meta, train, **kw):
+    cfg = config(**kw)
+    return [loader_class(kind)(meta, cfg, train=train, rank=r, world_size=WORLD, device="cpu") for r in range(WORLD)]
+
+
+def keys(batch) -> list[int]:
+    return [int(k) - 1000 for k in batch["text"][:, 1]]
+
+
+def epochs(loaders, n) -> list[list[list[list[int]]]]:
+    """[epoch][step][rank] -> the record keys of that batch; every rank must take len(loader) steps."""
+    steps = {len(loader) for loader in loaders}
+    assert len(steps) == 1, f"ranks disagree on the steps per epoch: {steps}"
+    out = []
+    for _ in range(n):
+        per_rank = [[keys(b) for b in loader] for loader in loaders]
+        assert [len(batches) for batches in per_rank] == [len(loaders[0])] * len(loaders)
+        out.append([list(step) for step in zip(*per_rank, strict=True)])
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_drop_keeps_batches_free_of_copies_and_counts_what_it_drops(odd, kind):
+    loaders = ranks(kind, odd.meta, train=True)  # last_batch defaults to "drop"
+    assert [len(loader) for loader in loaders] == [RECORDS // (WORLD * BATCH)] * WORLD  # 2
+    assert {loader.dropped_per_epoch for loader in loaders} == {RECORDS - 2 * WORLD * BATCH}  # 7
+    seen_per_epoch = []
+    for steps in epochs(loaders, 3):
+        seen = []
+        for step in steps:
+            assert all(len(batch) == BATCH for batch in step)
+            global_batch = [k for batch in step for k in batch]  # what the contrastive loss gathers
+            assert len(set(global_batch)) == len(global_batch), f"copies in one step: {step}"
+            seen += global_batch
+        assert len(set(seen)) == len(seen), "a record came twice in one epoch"
+        assert set(seen) <= set(odd.keys) and len(seen) + loaders[0].dropped_per_epoch == RECORDS
+        seen_per_epoch.append(set(seen))
+    # Shuffled: other records are dropped in other epochs.
+    assert len(set.union(*seen_per_epoch)) > len(seen_per_epoch[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_records", [RECORDS, 17])  # 17: parts of 8 and 9, an empty last batch
+def test_eval_reads_every_record_exactly_once_in_short_last_batches(tmp_path_factory, odd, kind, num_records):
+    meta = odd.meta if num_records == RECORDS else write_test_shards(tmp_path_factory.mktemp("s17"), 17, 10).meta
+    loaders = ranks(kind, meta, train=False)
+    steps = math.ceil(math.ceil(num_records / WORLD) / BATCH)  # the largest part decides
+    for epoch, by_step in enumerate(epochs(loaders, 2)):
+        assert len(by_step) == steps
+        for rank in range(WORLD):  # part (rank + epoch) % W, in file order, nothing added
+            begin, end = rank_part(num_records, WORLD, (rank + epoch) % WORLD)
+            assert [k for step in by_step for k in step[rank]] == list(range(begin, end))
+        assert sorted(k for step in by_step for batch in step for k in batch) == list(range(num_records))
+    if num_records == 17:
+        last = list(loaders[0])[-1]  # epoch 2: rank 0 reads part 0 again, 8 records in 2 batches of 4
+        assert last["image"].shape == (0, 3, 32, 32) and last["text"].shape == (0, 77)
+        assert last["text"].dtype == last["caption"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pad_repeats_the_last_sample_as_the_release(odd, kind, train):
+    loaders = ranks(kind, odd.meta, train=train, last_batch="pad")
+    assert [len(loader) for loader in loaders] == [3, 3] and loaders[0].dropped_per_epoch == 0
+    for epoch, by_step in enumerate(epochs(loaders, 2)):
+        everything = [k for step in by_step for batch in step for k in batch]
+        assert len(everything) == WORLD * 3 * BATCH and set(everything) == set(odd.keys)
+        # One copy per epoch (24 slots, 23 records), in the last batch of the rank reading the part of 11.
+        short = next(r for r in range(WORLD) if (r + epoch) % WORLD == 0)
+        last = by_step[-1][short]
+        assert [k for k, n in Counter(everything).items() if n > 1] == [last[-1]]
+        assert last[-1] == last[-2]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("consumed", [1, 2])  # mid-epoch; the end of epoch 0, the dropped tail unread
+def test_resume_is_exact_where_drop_reads_the_tail(odd, kind, consumed, tmp_path):
+    cls = loader_class(kind)
+    cfg = config()
+
+    def take(loader, n):
+        out = []
+        while len(out) < n:
+            for batch in loader:
+                out.append(batch)
+                if len(out) == n:
+                    break
+        return out
+
+    original = cls(odd.meta, cfg, train=True, rank=1, world_size=WORLD, device="cpu")
+    take(original, consumed)
+    torch.save(original.state_dict(), tmp_path / "state.pt")
+    expected = take(original, 5)
+    resumed = cls(odd.meta, cfg, train=True, rank=1, world_size=WORLD, device="cpu")
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    got = take(resumed, 5)
+    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+        for k in ("image", "text", "caption"):
+            assert torch.equal(a[k], b[k]), f"batch {i} differs in {k}"
+
+
+def test_state_of_another_last_batch_mode_is_refused(odd):
+    state = TorchLoader(odd.meta, config(last_batch="pad"), rank=0, world_size=WORLD).state_dict()
+    drop = TorchLoader(odd.meta, config(), rank=0, world_size=WORLD)
+    with pytest.raises(ValueError, match="last_batch=pad"):
+        drop.load_state_dict(state)
+    del state["last_batch"]  # written before the option existed: those loaders padded
+    with pytest.raises(ValueError, match="last_batch=pad"):
+        drop.load_state_dict(state)
+
+
+def test_drop_refuses_a_dataset_smaller_than_one_global_batch(odd):
+    with pytest.raises(ValueError, match="do not fill one global batch"):
+        TorchLoader(odd.meta, config(batch_size=12), rank=0, world_size=WORLD)
+    TorchLoader(odd.meta, config(batch_size=12, last_batch="pad"), rank=0, world_size=WORLD)  # pads instead
+
+
+def test_trainer_passes_the_options_to_the_loader(odd):
+    options = ["data.loader=torch", "data.num_workers=0", "data.last_batch=pad", "data.crop_attempts=7"]
+    cfg = load_config(None, [f"data.train={odd.meta}", *options])
+    loader = build_loader(cfg, RunShape(1, 4, 4), torch.device("cpu"))
+    assert (loader.config.last_batch, loader.config.crop_attempts, len(loader)) == ("pad", 7, 6)
+    assert build_transform(loader.config, train=True).transforms[0].attempts == 7
+
+
+# ----- random crop attempts ---------------------------------------------------------------------------
+
+H, W = 400, 600  # a 3:2 photo
+FALLBACK = (0, 50, 400, 500)  # the whole height, width cut to ratio 1.25, centred
+
+
+def test_crop_window_with_10_attempts_is_torchvisions_draw_for_draw():
+    image = torch.zeros(3, H, W)
+    for seed in range(300):
+        torch.manual_seed(seed)
+        want = T.RandomResizedCrop.get_params(image, [0.7, 1.0], [0.8, 1.25])
+        torch.manual_seed(seed)
+        assert crop_window(H, W, (0.7, 1.0), (0.8, 1.25), attempts=10) == want, seed
+
+
+def test_crop_fallback_rate_of_a_3_2_photo_10_against_100_attempts():
+    def fallback_rate(attempts, n=1000):
+        torch.manual_seed(0)
+        return sum(crop_window(H, W, (0.7, 1.0), (0.8, 1.25), attempts) == FALLBACK for _ in range(n)) / n
+
+    # One draw in ~12 fits (area >= 0.7 needs ratio >= 1.5 * area): 0.915 ** 10 = 0.41, 0.915 ** 100 = 1e-4.
+    assert 0.33 < fallback_rate(10) < 0.49
+    assert fallback_rate(100) < 0.005
+
+
+def test_dali_crop_takes_the_configured_attempts(tmp_path):
+    """Count identical outputs of one 3:2 photo: with ratios up to 1.5 the fallback window is the
+    whole image, the same pixels every time (DALI places a smaller fallback window at random)."""
+    pytest.importorskip("nvidia.dali")
+    from alip.data.dali import DaliLoader
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((H // 8, W // 8, 3)) * 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)  # [400, 600, 3]
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
+    rec = tmp_path / "wide.rec"
+    tokens = np.zeros(77, np.int64)
+    tokens[:3] = [49406, 1000, 49407]
+    with RecordIOWriter(rec, rec.with_suffix(".idx")) as w:
+        for key in range(64):
+            w.write(key, schema.make_record(key, buf.getvalue(), tokens, tokens))
+
+    def most_repeated(attempts):
+        # Area >= 0.9 fits a 3:2 photo only for ratios >= 1.35: one draw in 12 fits, as with the defaults.
+        area, ratio = (0.9, 1.0), (0.8, 1.5)
+        cfg = LoaderConfig(64, 16, area, ratio, flip_prob=0.0, num_threads=1, crop_attempts=attempts)
+        images = next(iter(DaliLoader(rec, cfg, train=True, device="cpu")))["image"]
+        return Counter(bytes(img.numpy().tobytes()) for img in images).most_common(1)[0][1]
+
+    assert most_repeated(10) >= 14  # ~42% of 64 fall back
+    assert most_repeated(100) <= 2
