@@ -448,3 +448,15 @@ def test_debug_shows_the_traceback(shards, tmp_path, monkeypatch):
     monkeypatch.setenv("ALIP_DEBUG", "1")
     with pytest.raises(ConfigError):
         train_main([str(TINY), f"data.train={shards.meta}", "optim.grad_clip=-1"])
+
+
+def test_a_checkpoint_from_before_an_option_existed_counts_as_the_old_behaviour():
+    from alip.config import Config, to_dict
+    from alip.train.resume import config_changes
+
+    saved = to_dict(Config())
+    del saved["data"]["crop_attempts"], saved["data"]["last_batch"]  # written before the two options
+    assert config_changes(saved, Config()) == ["data.crop_attempts 10 -> 100", 'data.last_batch "pad" -> "drop"']
+    cfg = Config()
+    cfg.data.crop_attempts, cfg.data.last_batch = 10, "pad"  # what the old run did: resumes unchanged
+    assert config_changes(saved, cfg) == []

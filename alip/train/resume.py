@@ -68,12 +68,17 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{key}", value
 
 
+# Options added with a default that differs from what the code did before them: a checkpoint
+# written without the option ran with this value (DALI's 10 crop attempts, padded last batches).
+BEFORE_INTRODUCED: dict[str, Any] = {"data.crop_attempts": 10, "data.last_batch": "pad"}
+
+
 def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
     """`key old -> new` for every option whose value differs from the checkpoint's.
 
-    An option added since the checkpoint was written counts as its default there: a new option's
-    default keeps the behaviour of the code before it."""
-    old = {**dict(_flat(to_dict(Config()))), **dict(_flat(saved))}
+    An option added since the checkpoint was written counts as what the code did before it: its
+    default, or its entry in BEFORE_INTRODUCED."""
+    old = {**dict(_flat(to_dict(Config()))), **BEFORE_INTRODUCED, **dict(_flat(saved))}
     new = dict(_flat(to_dict(cfg)))
     missing = "(absent)"  # an option the code no longer has
     return [
