@@ -117,3 +117,24 @@ def test_paper_metric_per_dataset():
         "fgvc_aircraft",
     }
     assert paper_metric("cifar10") == "top1" and paper_metric("imagenet1k") == "top1"
+
+
+@pytest.mark.parametrize("levels", [3, 20, None])
+def test_clip_benchmark_hits_equal_a_topk_per_query_even_with_many_ties(levels):
+    """Counting decides most queries without topk; with heavy ties the rest must still be topk's pick."""
+    from alip.eval.metrics import retrieval_topk_hits
+
+    gen = torch.Generator().manual_seed(levels or 0)
+    sim = torch.rand(37, 90, generator=gen)
+    if levels:  # few distinct scores: tie groups straddle every K
+        sim = (sim * levels).floor() / levels
+    text_to_image = torch.arange(90) % 36  # image 36 has no caption
+    found = retrieval_topk_hits(sim, text_to_image, (1, 5, 10, 200), block_size=8)
+    for k in (1, 5, 10, 200):
+        i2t, t2i = found[k]
+        kk = min(k, 90)
+        want_i2t = torch.tensor([bool((text_to_image[sim[i].topk(kk).indices] == i).any()) for i in range(37)])
+        want_t2i = torch.tensor(
+            [bool((sim[:, j].topk(min(k, 37)).indices == text_to_image[j]).any()) for j in range(90)]
+        )
+        assert torch.equal(i2t, want_i2t) and torch.equal(t2i, want_t2i), k

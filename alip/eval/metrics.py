@@ -31,7 +31,7 @@ K larger than the number of candidates counts as all of them. All results are pe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -150,33 +150,82 @@ def retrieval_ranks(
     return i2t, t2i.long()
 
 
+def _topk_hits(
+    greater: torch.Tensor,
+    tied: torch.Tensor,
+    correct_tied: torch.Tensor,
+    k: int,
+    topk_hit: Callable[[torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    """[Q] bool: is a correct item among `torch.topk(query's scores, k)`, for every query?
+
+    Decided by counting where that is exact, which is almost everywhere: with `greater` items above
+    the query's best correct score and `tied` items at it (`correct_tied` of them correct), topk
+    holds no correct item when greater >= k, and one when all tied items fit (greater + tied <= k)
+    or every tied item is correct. Only queries whose tie group straddles the k-th place, mixing
+    correct and wrong items, depend on which tied items torch's topk returns: `topk_hit(queries, k)`
+    runs it for those.
+    """
+    hit = (greater < k) & ((greater + tied <= k) | (tied == correct_tied))
+    unsure = ((greater < k) & (greater + tied > k) & (tied > correct_tied)).nonzero().flatten()
+    if len(unsure):
+        hit[unsure] = topk_hit(unsure, k)
+    return hit
+
+
 def retrieval_topk_hits(
-    similarity: torch.Tensor, text_to_image: torch.Tensor, k: int, block_size: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP_benchmark's rule: (i2t_hit [N_img], t2i_hit [N_txt]) bool, a hit when a correct item is
-    among `torch.topk(row, k)` of the query's row (its `recall_at_k(...) > 0`).
+    similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int], block_size: int = 256
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """CLIP_benchmark's rule: {K: (i2t_hit [N_img], t2i_hit [N_txt])} bool, a hit when a correct item
+    is among `torch.topk(row, K)` of the query's row (its `recall_at_k(...) > 0`).
 
     Image queries rank the captions of their row of `similarity`; caption queries rank the images of
-    their column. `torch.topk` works row by row, so the blocks do not change which tied items it
-    returns. k above the number of candidates counts as all of them.
+    their column. One pass over row blocks counts, for both directions, the scores above and at each
+    query's best correct score (each [block, N_txt] slice read once, in cache, as in
+    `retrieval_ranks`); topk then runs only where ties straddle the K-th place (`_topk_hits`), on
+    that query's own scores, so it returns the tied items CLIP_benchmark's call returns.
+    K above the number of candidates counts as all of them.
     """
     _check_scores(similarity, "similarity")
     n_img, n_txt = similarity.shape
     text_to_image = _check_text_to_image(text_to_image, similarity)
-    i2t = torch.zeros(n_img, dtype=torch.bool, device=similarity.device)
-    t2i = torch.zeros(n_txt, dtype=torch.bool, device=similarity.device)
+    dev = similarity.device
     if n_txt == 0:
-        return i2t, t2i
+        none = torch.zeros(n_img, dtype=torch.bool, device=dev), torch.zeros(0, dtype=torch.bool, device=dev)
+        return {k: none for k in ks}
+    positive = similarity[text_to_image, torch.arange(n_txt, device=dev)]  # [N_txt] with its own image
+    best = torch.full((n_img,), float("-inf"), dtype=similarity.dtype, device=dev)
+    best = best.scatter_reduce(0, text_to_image, positive, reduce="amax")  # [N_img] best correct caption
+    best_count = torch.zeros(n_img, dtype=torch.long, device=dev).scatter_add(
+        0, text_to_image, (positive == best[text_to_image]).long()
+    )  # correct captions at that best score
+    # int32 counts: summing booleans into int64 costs about twice as much, and N < 2^31.
+    i2t_greater, i2t_tied = (torch.empty(n_img, dtype=torch.int32, device=dev) for _ in range(2))
+    t2i_greater, t2i_tied = (torch.zeros(n_txt, dtype=torch.int32, device=dev) for _ in range(2))
     for start in range(0, n_img, block_size):
-        block = similarity[start : start + block_size]  # [b, N_txt]
-        top = block.topk(min(k, n_txt), dim=1).indices  # [b, k] caption indices
-        images = torch.arange(start, start + block.shape[0], device=similarity.device)
-        i2t[start : start + block_size] = (text_to_image[top] == images[:, None]).any(dim=1)
-    for start in range(0, n_txt, block_size):
-        block = similarity[:, start : start + block_size].T  # [b, N_img]
-        top = block.topk(min(k, n_img), dim=1).indices  # [b, k] image indices
-        t2i[start : start + block_size] = (top == text_to_image[start : start + block_size, None]).any(dim=1)
-    return i2t, t2i
+        rows = slice(start, start + block_size)
+        block = similarity[rows]  # [block, N_txt]
+        i2t_greater[rows] = (block > best[rows, None]).sum(dim=1, dtype=torch.int32)
+        i2t_tied[rows] = (block == best[rows, None]).sum(dim=1, dtype=torch.int32)
+        t2i_greater += (block > positive[None, :]).sum(dim=0, dtype=torch.int32)
+        t2i_tied += (block == positive[None, :]).sum(dim=0, dtype=torch.int32)
+
+    def i2t_topk(images: torch.Tensor, k: int) -> torch.Tensor:
+        top = similarity[images].topk(k, dim=1).indices  # [u, k] caption indices
+        return (text_to_image[top] == images[:, None]).any(dim=1)
+
+    def t2i_topk(texts: torch.Tensor, k: int) -> torch.Tensor:
+        top = similarity[:, texts].T.topk(k, dim=1).indices  # [u, k] image indices
+        return (top == text_to_image[texts, None]).any(dim=1)
+
+    one = torch.ones(n_txt, dtype=torch.long, device=dev)  # a caption has one correct image
+    return {
+        k: (
+            _topk_hits(i2t_greater, i2t_tied, best_count, min(k, n_txt), i2t_topk),
+            _topk_hits(t2i_greater, t2i_tied, one, min(k, n_img), t2i_topk),
+        )
+        for k in ks
+    }
 
 
 def retrieval_metrics(
@@ -191,7 +240,7 @@ def retrieval_metrics(
     relevant image per caption. `ties`: clip_benchmark, release or pessimistic (module docstring).
     """
     if check_tie_rule(ties) == "clip_benchmark":
-        hits = {k: retrieval_topk_hits(similarity, text_to_image, k) for k in ks}
+        hits = retrieval_topk_hits(similarity, text_to_image, ks)
     else:
         i2t, t2i = retrieval_ranks(similarity, text_to_image, ties=ties)
         hits = {k: (i2t < k, t2i < k) for k in ks}
