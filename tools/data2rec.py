@@ -3,7 +3,17 @@
 
 Inputs: manifests (.tsv/.csv/.jsonl/.parquet) with an image-path column (relative to --image-root,
 default the manifest's folder), a raw-text column and optionally a caption column; or img2dataset
-webdataset .tar shards ({key}.jpg/.txt/.json). Captions can also come from a sidecar
+webdataset .tar shards ({key}.jpg/.txt/.json). In parquet manifests the image column may hold the
+images themselves (binary, or the Hugging Face datasets Image struct {bytes, path}), and the text
+and caption columns may hold CLIP token ids (list<int>, or fixed 77-id rows): the kind is read from
+the column's type. Such rows are read by row group when their shard is written, and the shuffle
+mixes whole row groups (see alip.data.convert). --tokens-npy FILE supplies token ids by row order
+instead: an .npy of [N, 154] (raw text and caption, a record label's layout) or [N, 77] (raw text),
+integer or integral float, one row per input row. Token ids must open with the start token 49406,
+hold the end token 49407 and be < 49408; longer than 77 ids are cut keeping the end token; a bad
+row is skipped and reported. The texts sidecar then holds the decoded text, marked "raw_decoded"/
+"caption_decoded". `--show-schema INPUT` lists a manifest's columns, their kinds and the flags that
+pack them. Captions can also come from a sidecar
 (--captions, JSONL/parquet with "key" or "path" and "caption"), as written by tools/caption.py.
 TSV manifests are read literally: one line per row, fields split on tabs, no CSV quoting (a `"`
 is part of the text); a line whose field count differs from the header's is skipped and reported.
@@ -22,6 +32,9 @@ fixed images replace their skips. A second run into the same --out-dir is refuse
 is running. Errors in the inputs or options print one line and exit with status 2.
 
 Examples:
+  python tools/data2rec.py --show-schema part-00000.parquet
+  python tools/data2rec.py /data/yfcc15m_hf/*.parquet --image-col image --text-col raw_text_ids \\
+      --caption-col caption_ids --out-dir /data/yfcc15m_rec --workers 32
   python tools/data2rec.py yfcc15m.tsv --image-root /data/yfcc/images --text-col title \\
       --captions yfcc15m_captions.jsonl --out-dir /data/yfcc15m_rec --workers 32
   python tools/data2rec.py /data/img2dataset/*.tar --captions caps.jsonl --out-dir shards/
@@ -29,10 +42,13 @@ Examples:
 
 import argparse
 import logging
+import re
+import shlex
 import sys
 from pathlib import Path
 
 from alip.cli import add_debug_flag, guarded
+from alip.data import sources
 from alip.data.convert import ConvertOptions, convert
 from alip.data.sources import Columns
 
@@ -40,12 +56,32 @@ from alip.data.sources import Columns
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", type=Path, help="manifest file(s) or img2dataset .tar shard(s)")
-    p.add_argument("--out-dir", type=Path, required=True, help="folder for the shards, meta JSON and reports")
+    p.add_argument("--out-dir", type=Path, help="folder for the shards, meta JSON and reports (required)")
+    p.add_argument(
+        "--show-schema",
+        action="store_true",
+        help="print each column of the input(s) with its type, detected kind and the flags that pack it; write nothing",
+    )
     p.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
     p.add_argument("--image-root", type=Path, help="folder the manifest's image paths are relative to")
-    p.add_argument("--image-col", default="image", help="manifest column with the image path (default: image)")
-    p.add_argument("--text-col", default="text", help="manifest column with the raw web text (default: text)")
-    p.add_argument("--caption-col", help="manifest column (or img2dataset JSON field) with the synthetic caption")
+    p.add_argument(
+        "--image-col",
+        default="image",
+        help="manifest column with the image path, bytes or {bytes, path} (default: image)",
+    )
+    p.add_argument(
+        "--text-col",
+        help="manifest column with the raw web text, a string or token ids (default: text, or none with --tokens-npy)",
+    )
+    p.add_argument(
+        "--caption-col",
+        help="manifest column (or img2dataset JSON field) with the synthetic caption, a string or token ids",
+    )
+    p.add_argument(
+        "--tokens-npy",
+        type=Path,
+        help=".npy of token ids by input row: [N, 154] raw text + caption, or [N, 77] raw text",
+    )
     p.add_argument("--key-col", help="manifest column with a unique sample key (default: the row number)")
     p.add_argument("--captions", type=Path, help="caption sidecar (JSONL/parquet: key or path -> caption)")
     p.add_argument("--no-caption", action="store_true", help="allow samples without caption (empty caption; CLIP)")
@@ -69,14 +105,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.show_schema:
+        for path in args.inputs:
+            print(schema_report(path))
+        return 0
+    if args.out_dir is None:
+        raise sources.InputError("--out-dir is required (or --show-schema to only look at the inputs)")
+    text_col = args.text_col if args.text_col is not None else (None if args.tokens_npy else "text")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("alip").setLevel(logging.INFO)  # ours; open_clip's INFO lines are noise here
     opts = ConvertOptions(
         out_dir=args.out_dir,
         prefix=args.prefix,
         image_root=args.image_root,
-        columns=Columns(args.image_col, args.text_col, args.caption_col, args.key_col),
+        columns=Columns(args.image_col, text_col, args.caption_col, args.key_col),
         captions=args.captions,
+        tokens_npy=args.tokens_npy,
         require_caption=not args.no_caption,
         shard_records=args.shard_records,
         shard_bytes=int(args.shard_size_mb * 1e6) if args.shard_size_mb is not None else None,
@@ -97,6 +141,59 @@ def main(argv=None) -> int:
     )
     print(f"meta: {report.meta_path}")
     return 0
+
+
+_FLAG_OF_KIND = {
+    sources.IMAGE_PATH: "--image-col (with --image-root: the folder the paths are relative to)",
+    sources.IMAGE_BYTES: "--image-col",
+    sources.IMAGE_STRUCT: "--image-col",
+    sources.TEXT: "--text-col or --caption-col",
+    sources.TOKEN_IDS: "--text-col or --caption-col",
+}
+_CAPTION_NAME = re.compile(r"cap|synth|generated|blip|llm", re.IGNORECASE)
+_KEY_NAME = re.compile(r"^(key|id|uid|sample_?id|photo_?id|__key__)$", re.IGNORECASE)
+
+
+def schema_report(path: Path) -> str:
+    """The columns of `path` with their kinds, and a data2rec command line guessed from them."""
+    num_rows, columns = sources.describe_columns(path)
+    rows = f"{num_rows} rows" if num_rows is not None else "rows not counted"
+    lines = [f"{path} ({rows})", f"  {'column':<24} {'type':<36} {'kind':<16} flag"]
+    for c in columns:
+        flag = "--tokens-npy" if path.suffix == ".npy" else _FLAG_OF_KIND.get(c.kind, "")
+        if not flag and _KEY_NAME.match(c.name):
+            flag = "--key-col"
+        lines.append(f"  {c.name:<24} {c.type[:36]:<36} {c.kind:<16} {flag}")
+        if c.example:
+            lines.append(f"  {'':<24} e.g. {c.example}")
+    if path.suffix == ".npy":
+        return "\n".join(lines)
+    images = [c for c in columns if c.kind in sources.IMAGE_KINDS] or [
+        c for c in columns if c.kind == sources.IMAGE_PATH
+    ]
+    texts = [c for c in columns if c.kind in (sources.TEXT, sources.TOKEN_IDS) and not _KEY_NAME.match(c.name)]
+    captions = [c for c in texts if _CAPTION_NAME.search(c.name)]
+    raws = [c for c in texts if c not in captions]
+    keys = [c for c in columns if _KEY_NAME.match(c.name)]
+    cmd = ["python", "tools/data2rec.py", str(path)]
+    if images:
+        cmd += ["--image-col", images[0].name]
+        if images[0].kind == sources.IMAGE_PATH:
+            cmd += ["--image-root", "IMAGE_FOLDER"]
+    if raws:
+        cmd += ["--text-col", raws[0].name]
+    if captions:
+        cmd += ["--caption-col", captions[0].name]
+    else:
+        cmd += ["--no-caption"]
+    if keys:
+        cmd += ["--key-col", keys[0].name]
+    cmd += ["--out-dir", "OUT_DIR"]
+    lines.append("suggested (check which column is the raw text and which the caption):")
+    lines.append("  " + shlex.join(cmd))
+    if not images:
+        lines.append("  no image column found: images must be paths (strings), binary, or {bytes, path} structs")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

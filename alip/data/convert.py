@@ -44,9 +44,12 @@ from alip.data.sources import (
     InputError,
     Skip,
     SourceSample,
+    decode_tokens,
     manifest_samples,
+    open_tokens_npy,
     read_caption_sidecar,
     read_image_bytes,
+    read_inputs,
     tar_samples,
 )
 from alip.files import FolderLock, sha256_file, write_json_atomic
@@ -61,6 +64,7 @@ class ConvertOptions:
     image_root: Path | None = None
     columns: Columns = field(default_factory=Columns)
     captions: Path | None = None  # caption sidecar (JSONL/parquet), joined by key or path
+    tokens_npy: Path | None = None  # [N, 154] or [N, 77] token ids, row i for input row i (sources.open_tokens_npy)
     require_caption: bool = True  # False: samples without a caption get an empty one (CLIP-only data)
     shard_records: int = 10_000
     shard_bytes: int | None = None  # estimated from the input sizes
@@ -142,6 +146,8 @@ def index_inputs(inputs: list[Path], opts: ConvertOptions) -> tuple[list[SourceS
             got, bad = manifest_samples(path, opts.image_root, opts.columns, first_row=len(samples) + len(skips))
         samples += got
         skips += bad
+    if opts.tokens_npy is not None:
+        _check_tokens_npy(inputs, opts, num_rows=len(samples) + len(skips), samples=samples)
     counts = Counter(s.key for s in samples)
     dupes = [k for k, n in counts.items() if n > 1]
     if dupes:
@@ -150,10 +156,25 @@ def index_inputs(inputs: list[Path], opts: ConvertOptions) -> tuple[list[SourceS
     return samples, skips + caption_skips
 
 
+def _check_tokens_npy(inputs: list[Path], opts: ConvertOptions, num_rows: int, samples: list[SourceSample]) -> None:
+    """The .npy must have one row per input row; with caption ids ([N, 154]) every sample has a caption."""
+    if any(p.suffix == ".tar" for p in inputs):
+        raise InputError("--tokens-npy joins by manifest row order; it cannot be used with .tar inputs")
+    tokens = open_tokens_npy(opts.tokens_npy)
+    if tokens.shape[0] != num_rows:
+        raise InputError(
+            f"--tokens-npy {opts.tokens_npy} has {tokens.shape[0]} rows but the inputs have {num_rows} rows; "
+            "row i of the .npy must hold the token ids of input row i"
+        )
+    if tokens.shape[1] == 2 * schema.CONTEXT_LENGTH:
+        for s in samples:
+            s.caption = ""  # read from the .npy when the shard is written
+
+
 def stat_images(samples: list[SourceSample]) -> None:
-    """Fill in the size and mtime of every image file (tar members already have their tar's)."""
+    """Fill in the size and mtime of every image file (tar members and embedded images already have theirs)."""
     for s in samples:
-        if s.tar_offset >= 0:
+        if s.tar_offset >= 0 or s.embedded:
             continue
         try:
             st = os.stat(s.image)
@@ -169,7 +190,7 @@ def _join_captions(samples: list[SourceSample], opts: ConvertOptions) -> tuple[l
             caption = by_key.get(s.key) or (by_path.get(s.path) if s.path else None)
             if caption is not None:
                 s.caption = caption
-    elif opts.columns.caption is None and opts.require_caption:
+    elif opts.columns.caption is None and opts.require_caption and not _npy_has_captions(opts):
         raise InputError(
             "no caption source: pass a caption column, a caption sidecar (--captions), "
             "or allow empty captions (--no-caption) for CLIP-only data"
@@ -183,12 +204,16 @@ def _join_captions(samples: list[SourceSample], opts: ConvertOptions) -> tuple[l
     return kept, skips
 
 
+def _npy_has_captions(opts: ConvertOptions) -> bool:
+    return opts.tokens_npy is not None and open_tokens_npy(opts.tokens_npy).shape[1] == 2 * schema.CONTEXT_LENGTH
+
+
 # ---------------------------------------------------------------- 2. plan
 
 
 def plan_shards(samples: list[SourceSample], opts: ConvertOptions) -> list[ShardTask]:
     """Shuffle once with the seed, then cut into shards. Record key = position in the shuffled order."""
-    order = np.random.default_rng(opts.seed).permutation(len(samples))
+    order = _shuffle_order(samples, opts)
     tasks: list[ShardTask] = []
     current: list[tuple[int, SourceSample]] = []
     current_bytes = 0
@@ -208,10 +233,36 @@ def plan_shards(samples: list[SourceSample], opts: ConvertOptions) -> list[Shard
     return tasks
 
 
+def _shuffle_order(samples: list[SourceSample], opts: ConvertOptions) -> np.ndarray:
+    """One global shuffle; for parquet rows read by row group (embedded images, token ids), a block shuffle.
+
+    A row group can only be read whole: with a row-level shuffle every shard would read a row group
+    for each record (about 100x the data for the hub's 100-row groups). So the row groups are
+    shuffled as blocks, and the rows inside each window of `shard_records` are shuffled again: a
+    shard holds whole row groups from all over the dataset, mixed, and each group is read once.
+    """
+    rng = np.random.default_rng(opts.seed)
+    if not any(s.row_group >= 0 for s in samples):
+        return rng.permutation(len(samples))
+    starts = [0]  # indices where a new block begins: rows of one row group are consecutive
+    for i in range(1, len(samples)):
+        a, b = samples[i - 1], samples[i]
+        if b.row_group < 0 or (a.parquet, a.row_group) != (b.parquet, b.row_group):
+            starts.append(i)
+    bounds = np.append(np.asarray(starts, np.int64), len(samples))
+    blocks = rng.permutation(len(starts))
+    order = np.concatenate([np.arange(bounds[b], bounds[b + 1]) for b in blocks])
+    for first in range(0, len(order), opts.shard_records):
+        rng.shuffle(order[first : first + opts.shard_records])  # a view: shuffles in place
+    return order
+
+
 def plan_fingerprint(tasks: list[ShardTask], opts: ConvertOptions) -> str:
     """Changes whenever a rerun would write different shards."""
     h = hashlib.sha256()
     settings = [opts.prefix, opts.seed, opts.max_side, opts.jpeg_quality, opts.max_pixels, opts.tokenizer]
+    if opts.tokens_npy is not None:  # appended only when set: older plans keep their fingerprint
+        settings.append(str(opts.tokens_npy))
     h.update(json.dumps(settings).encode())
     for task in tasks:
         h.update(f"|{task.stem}".encode())
@@ -236,7 +287,8 @@ _worker: dict = {}  # per-process state: tokenizer, options, progress counter
 def _init_worker(opts: ConvertOptions, counter) -> None:
     import open_clip  # imported here: only the workers tokenise
 
-    _worker.update(tokenizer=open_clip.get_tokenizer(opts.tokenizer), opts=opts, counter=counter)
+    tokens = open_tokens_npy(opts.tokens_npy) if opts.tokens_npy is not None else None  # mmap: shared pages
+    _worker.update(tokenizer=open_clip.get_tokenizer(opts.tokenizer), opts=opts, counter=counter, tokens=tokens)
 
 
 def _tokenize(texts: list[str]) -> np.ndarray:
@@ -272,25 +324,30 @@ def write_shard(task: ShardTask) -> ShardResult:
 def _write_records(task: ShardTask, tmp: dict[str, Path]) -> tuple[int, int, list[dict], dict[str, int]]:
     """Every image of the shard decoded, checked and written, or skipped with its reason."""
     opts: ConvertOptions = _worker["opts"]
-    raw_tokens = _tokenize([s.raw_text for _, s in task.items])
-    cap_tokens = _tokenize([s.caption or "" for _, s in task.items])
+    samples = [s for _, s in task.items]
+    inputs = read_inputs(samples, opts.columns, opts.image_root, _worker.get("tokens"))  # parquet: by row group
+    raw_tokens = _token_rows([i.raw for i in inputs])
+    cap_tokens = _token_rows([i.caption if i.caption is not None else "" for i in inputs])
     skipped, stats = [], Counter()
     with RecordIOWriter(tmp[".rec"], tmp[".idx"]) as writer, open(tmp[".texts.jsonl"], "w", encoding="utf-8") as texts:
-        for i, (key, sample) in enumerate(task.items):
+        for i, ((key, sample), inp) in enumerate(zip(task.items, inputs, strict=True)):
             try:
-                img = prepare_image(read_image_bytes(sample), opts.max_side, opts.jpeg_quality, opts.max_pixels)
+                if inp.error is not None:
+                    raise BadImage(inp.error)  # a null or bad value read with the row: skipped the same way
+                data = inp.image if inp.image is not None else read_image_bytes(sample)
+                img = prepare_image(data, opts.max_side, opts.jpeg_quality, opts.max_pixels)
             except BadImage as e:
                 skipped.append({"source": sample.source, "key": sample.key, "reason": str(e)})
             else:
                 writer.write(key, schema.make_record(key, img.jpeg, raw_tokens[i], cap_tokens[i]))
-                texts.write(
-                    json.dumps(_text_entry(key, sample, raw_tokens[i], cap_tokens[i]), ensure_ascii=False) + "\n"
-                )
+                entry = _text_entry(key, sample, raw_tokens[i], cap_tokens[i], inp)
+                texts.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 stats["passthrough" if img.passthrough else "reencoded"] += 1
                 stats[f"mode_{img.source_mode}"] += 1
-                stats["empty_raw_text"] += not sample.raw_text.strip()
+                stats["empty_raw_text"] += not entry["raw_text"].strip()
                 stats["truncated_raw_text"] += bool(raw_tokens[i][-1])
                 stats["truncated_caption"] += bool(cap_tokens[i][-1])
+                stats["token_id_texts"] += isinstance(inp.raw, np.ndarray) + isinstance(inp.caption, np.ndarray)
             if i % 16 == 15:
                 _bump(16)
         _bump(len(task.items) % 16)
@@ -298,17 +355,31 @@ def _write_records(task: ShardTask, tmp: dict[str, Path]) -> tuple[int, int, lis
         return writer.count, writer.bytes_written, skipped, dict(stats)
 
 
-def _text_entry(key: int, sample: SourceSample, raw: np.ndarray, cap: np.ndarray) -> dict:
-    # the original strings, for inspection and noise reports (the shard holds only tokens)
-    return {
+def _token_rows(texts: list[str | np.ndarray]) -> np.ndarray:
+    """[N, 77] ids: strings tokenised, rows of checked ids (pre-tokenised inputs) as they are."""
+    rows = _tokenize([t if isinstance(t, str) else "" for t in texts])
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            rows[i] = t
+    return rows
+
+
+def _text_entry(key: int, sample: SourceSample, raw: np.ndarray, cap: np.ndarray, inp) -> dict:
+    # the original strings, for inspection and noise reports (the shard holds only tokens); texts
+    # given as token ids are decoded with the tokenizer and marked so (spacing and case may differ)
+    raw_decoded, cap_decoded = isinstance(inp.raw, np.ndarray), isinstance(inp.caption, np.ndarray)
+    entry = {
         "key": key,
         "sample_key": sample.key,
         "source": sample.source,
-        "raw_text": sample.raw_text,
-        "caption": sample.caption,
+        "raw_text": decode_tokens(_worker["tokenizer"], raw) if raw_decoded else sample.raw_text,
+        "caption": decode_tokens(_worker["tokenizer"], cap) if cap_decoded else sample.caption,
         "raw_truncated": bool(raw[-1]),
         "caption_truncated": bool(cap[-1]),
     }
+    if raw_decoded or cap_decoded:
+        entry["raw_decoded"], entry["caption_decoded"] = raw_decoded, cap_decoded
+    return entry
 
 
 def _bump(n: int) -> None:
@@ -526,4 +597,6 @@ def _build_meta(inputs, opts, results, num_inputs, reasons, stats) -> schema.Dat
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "alip_version": __version__,
     }
+    if opts.tokens_npy is not None:
+        source["tokens_npy"] = str(opts.tokens_npy)
     return schema.DatasetMeta(shards=shards, tokenizer=_tokenizer_info(opts.tokenizer), source=source)
