@@ -29,9 +29,12 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alip.cli import UserError, add_debug_flag, guarded
+
+if TYPE_CHECKING:
+    from alip.demo.data import DemoSpec
 
 logger = logging.getLogger("alip.demo")
 
@@ -193,9 +196,23 @@ def _overrides(meta: Path, data: Any, seed: int, steps: int | None, quick: dict)
     return out
 
 
+def demo_spec(args: argparse.Namespace, quick: dict[str, Any]) -> DemoSpec:
+    """The dataset to generate, from the command line (and --quick's sizes)."""
+    from alip.demo.data import DemoSpec
+
+    try:
+        return DemoSpec(
+            seed=args.seed,
+            num_train=args.num_train or quick.get("num_train", DemoSpec.num_train),
+            num_zeroshot_per_class=quick.get("num_zeroshot_per_class", DemoSpec.num_zeroshot_per_class),
+            noise_rate=args.noise_rate,
+        )
+    except ValueError as e:  # DemoSpec checks values that come straight from the command line
+        raise DemoOptionError(str(e)) from None
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from alip.config import load_config
-    from alip.demo.data import DemoSpec
     from alip.demo.report import format_table, write_report
     from alip.files import write_json_atomic
     from alip.score import score_shards
@@ -208,15 +225,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"demo config(s) not found: {', '.join(missing)}; pass --configs <folder>")
     quick = QUICK if args.quick else {}
-    try:
-        spec = DemoSpec(
-            seed=args.seed,
-            num_train=args.num_train or quick.get("num_train", DemoSpec.num_train),
-            num_zeroshot_per_class=quick.get("num_zeroshot_per_class", DemoSpec.num_zeroshot_per_class),
-            noise_rate=args.noise_rate,
-        )
-    except ValueError as e:  # DemoSpec checks values that come straight from the command line
-        raise DemoOptionError(str(e)) from None
+    spec = demo_spec(args, quick)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
