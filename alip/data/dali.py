@@ -28,7 +28,9 @@ the deep check (`tools/inspect_rec.py --check --deep`).
 Resuming. `state_dict()` holds DALI's pipeline checkpoint (reader position, shuffle buffer and the
 random state of every augmentation) plus the epoch and step: a loader restored from it yields
 exactly the batches the original would have. The state is per rank: every rank must save and
-restore its own.
+restore its own. On another world size (`--reshard`) the reader's position means nothing:
+`continue_epoch` starts the epoch the ranks were in again from its beginning (the next one where
+they had finished it), in a fresh pipeline whose first part keeps part = (rank + epoch) % W.
 
 This is the only module that imports DALI.
 """
@@ -47,7 +49,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from alip.data import schema
+from alip.data import position, schema
 from alip.data.loader_config import (
     LoaderConfig,
     batch_rows,
@@ -179,6 +181,10 @@ class DaliLoader:
         self._reader_steps = steps_per_epoch(self.num_records, config.batch_size, self.world_size, "pad")
         self.epoch = 0
         self.step = 0  # batches of `epoch` already yielded
+        # DALI's shard (part) for the pipeline's first epoch; it moves on by one per epoch. `rank` unless
+        # the pipeline was built for a later epoch (restart_epoch), so that part = (rank + epoch) % W.
+        self._first_part = self.rank
+        self.shards_digest = position.shards_digest(self.shards)
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         if len(self.shards) == 1:
             self._index_path = str(self.shards[0].idx_path)
@@ -208,7 +214,7 @@ class DaliLoader:
             index_path=self._index_path,
             config=self.config,
             train=self.train,
-            shard_id=self.rank,
+            shard_id=self._first_part,
             num_shards=self.world_size,
             decode_device="mixed" if cuda else "cpu",
             batch_size=self.config.batch_size,
@@ -335,6 +341,8 @@ class DaliLoader:
             "num_records": self.num_records,
             "train": int(self.train),
             "last_batch": self.mode,
+            "first_part": self._first_part,
+            "shards_digest": self.shards_digest,
             "dali_checkpoint": base64.b64encode(checkpoint).decode("ascii"),
         }
 
@@ -352,11 +360,46 @@ class DaliLoader:
         state = {"last_batch": "pad", **state}
         # The DALI checkpoint is per rank and per sharding.
         check_loader_state(state, STATE_KIND, STATE_VERSION, expected, self.steps_per_epoch)
+        if not self.same_data(state):
+            raise ValueError(f"{STATE_KIND} state was written for other shards (file names or record counts differ)")
         checkpoint = base64.b64decode(state["dali_checkpoint"])
-        # A pipeline can only be restored when it is built: replace the running one.
+        # A pipeline can only be restored when it is built: replace the running one, built as that one was.
+        self._first_part = int(state.get("first_part", self.rank))
         self._iterator = self._build(checkpoint)
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
+
+    def same_data(self, state: dict[str, Any]) -> bool:
+        """Whether `state` (any rank's, any world size) was written for these records. A state from before
+        the digest existed is judged by its record count."""
+        digest = state.get("shards_digest", self.shards_digest)
+        return state.get("num_records") == self.num_records and digest == self.shards_digest
+
+    def continue_epoch(self, states: list[dict[str, Any]]) -> str:
+        """Continue from the states of a run on another world size, as well as DALI allows: its reader's
+        position (a shuffle buffer within each rank's part) has no meaning on other parts, so the epoch
+        the ranks were in starts again from its beginning; where they had finished it, the next one
+        starts. Returns what happened, in words."""
+        first = states[0]
+        if first.get("kind") != STATE_KIND or not all(self.same_data(s) for s in states):
+            raise ValueError(f"not {STATE_KIND} states of these shards")
+        epoch, step = int(first["epoch"]), int(first["step"])
+        old_steps = steps_per_epoch(self.num_records, first["batch_size"], len(states), first.get("last_batch", "pad"))
+        if step >= old_steps:
+            self.restart_epoch(epoch + 1)
+            return f"epoch {epoch} was complete: epoch {epoch + 1} starts"
+        self.restart_epoch(epoch)
+        return (
+            f"the DALI reader cannot continue an epoch on other parts: epoch {epoch} starts again from its "
+            f"beginning, so the {step * first['batch_size'] * len(states)} samples of its first {step} steps "
+            "are read a second time"
+        )
+
+    def restart_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning with a fresh pipeline (a resume onto other ranks or shards)."""
+        self._first_part = (self.rank + epoch) % self.world_size
+        self._iterator = self._build()
+        self.epoch, self.step = epoch, 0
 
     def close(self) -> None:
         """Release the pipeline's threads and memory and the temporary index."""

@@ -15,11 +15,14 @@ RandomResizedCrop makes 10). The one difference by design: the shuffle is a full
 epoch, drawn before the records are split into parts (DALI shuffles within a buffer of each part).
 Augmentation is seeded per sample position, so it does not depend on the number of workers and a
 mid-epoch resume (which skips the batches already seen) reproduces the same samples and the same
-augmentations.
+augmentations. The state also records, in positions of the epoch's global order, what each rank
+has read (alip.data.position): on another world size, `continue_epoch` continues the epoch over
+the records no rank had read, cut into parts and batches over the new ranks.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -35,7 +38,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from alip.data import schema
+from alip.data import position, schema
 from alip.data.images import BadImage, open_image
 from alip.data.loader_config import (
     LoaderConfig,
@@ -216,6 +219,10 @@ class EpochSampler(Sampler):
     LoaderConfig.epoch_mode) then makes `steps` batches of the part: "pad" repeats the part's last
     item up to `steps` full batches, "drop" keeps the first `steps` full batches, "trim" keeps the
     part as it is (TorchLoader ends the epoch with short or empty batches).
+
+    `excluded` (intervals of positions in the epoch order, see alip.data.position): positions read
+    before this partition began, by a run on another number of ranks. The epoch then continues over
+    the other positions only, cut into parts and batches as above (a shorter epoch).
     """
 
     def __init__(
@@ -240,9 +247,31 @@ class EpochSampler(Sampler):
         self.steps = steps_per_epoch(num_records, batch_size, world_size, mode)
         self.epoch = 0
         self.start_step = 0
+        self.excluded: position.Intervals = []
 
-    def set_position(self, epoch: int, step: int) -> None:
-        self.epoch, self.start_step = epoch, step
+    def set_position(self, epoch: int, step: int, excluded: position.Intervals | None = None) -> None:
+        self.epoch, self.start_step, self.excluded = epoch, step, list(excluded or [])
+
+    def positions(self) -> np.ndarray:
+        """Positions of the epoch order that this epoch's partition reads: all, or those not excluded."""
+        if not self.excluded:
+            return np.arange(self.num_records)
+        return position.remaining(self.num_records, self.excluded)
+
+    def epoch_steps(self) -> int:
+        """Steps of the current epoch: `steps`, fewer where positions are excluded (0: none fills a step)."""
+        if not self.excluded:
+            return self.steps
+        count = len(self.positions())
+        if count == 0 or (self.mode == "drop" and count < self.world_size * self.batch_size):
+            return 0
+        return steps_per_epoch(count, self.batch_size, self.world_size, self.mode)
+
+    def _part(self) -> np.ndarray:
+        """Positions (in the epoch order) of this rank's part of the current epoch."""
+        positions = self.positions()
+        begin, end = rank_part(len(positions), self.world_size, (self.rank + self.epoch) % self.world_size)
+        return positions[begin:end]
 
     def epoch_items(self) -> tuple[np.ndarray, np.ndarray]:
         """(record indices, augmentation seeds) of this rank's whole current epoch, in order."""
@@ -250,25 +279,30 @@ class EpochSampler(Sampler):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_records)
         else:
             order = np.arange(self.num_records)
-        begin, end = rank_part(self.num_records, self.world_size, (self.rank + self.epoch) % self.world_size)
-        mine = order[begin:end]
-        per_rank = self.steps * self.batch_size
-        if self.mode == "pad":
+        mine = order[self._part()]
+        per_rank = self.epoch_steps() * self.batch_size
+        if self.mode == "pad" and len(mine):
             mine = np.concatenate([mine, np.full(per_rank - len(mine), mine[-1])])
         elif self.mode == "drop":
             mine = mine[:per_rank]
         if self.augment:
             # One seed per position of every rank's stream: independent of the worker count, and the
-            # same after a resume.
-            rng = np.random.default_rng([self.seed, self.epoch, 1])
+            # same after a resume. A continued epoch (positions excluded) draws another stream.
+            key = [self.seed, self.epoch, 1] if not self.excluded else [self.seed, self.epoch, 2, per_rank]
+            rng = np.random.default_rng(key)
             seeds = rng.integers(0, 2**62, size=per_rank * self.world_size)[self.rank * per_rank :][: len(mine)]
         else:
             seeds = np.full(len(mine), -1, dtype=np.int64)
         return mine, seeds
 
+    def seen(self, step: int) -> position.Intervals:
+        """Positions of the epoch order this rank has read after `step` batches of the current partition
+        (a part's padding repeats a record already counted; "drop" leaves the part's tail unread)."""
+        part = self._part()
+        return position.to_intervals(part[: min(step * self.batch_size, len(part))])
+
     def __len__(self) -> int:
-        begin, end = rank_part(self.num_records, self.world_size, (self.rank + self.epoch) % self.world_size)
-        total = end - begin if self.mode == "trim" else self.steps * self.batch_size
+        total = len(self._part()) if self.mode == "trim" else self.epoch_steps() * self.batch_size
         return max(0, total - self.start_step * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -316,6 +350,8 @@ class TorchLoader:
         self.dropped_per_epoch = dropped_per_epoch(self.num_records, config.batch_size, self.world_size, self.mode)
         self.epoch = 0
         self.step = 0  # batches of `epoch` already yielded
+        self.excluded: position.Intervals = []  # positions of `epoch` read before this partition (a reshard)
+        self.shards_digest = position.shards_digest(self.shards)
         workers = config.num_workers
         self._loader = DataLoader(
             self.dataset,
@@ -346,17 +382,19 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """The rest of the current epoch (all of it unless restored mid-epoch), then epoch += 1."""
-        self.sampler.set_position(self.epoch, self.step)
+        self.sampler.set_position(self.epoch, self.step, self.excluded)
+        steps = self.sampler.epoch_steps()  # steps_per_epoch, fewer where the epoch continues a reshard
         with worker_errors():
             for batch in self._loader:
                 self.step += 1
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         # "trim" (eval): a rank whose part ran out still takes every step, with empty batches.
-        while self.step < self.steps_per_epoch:
+        while self.step < steps:
             self.step += 1
             yield self._empty_batch()
         self.epoch += 1
         self.step = 0
+        self.excluded = []
 
     def _empty_batch(self) -> dict[str, torch.Tensor]:
         size, tokens = self.config.image_size, schema.CONTEXT_LENGTH
@@ -367,7 +405,13 @@ class TorchLoader:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain int state (safe for `torch.load(weights_only=True)`)."""
+        """Plain int/str state (safe for `torch.load(weights_only=True)`).
+
+        `epoch` and `step` place this rank exactly (same world size); `excluded` and `seen` say, in
+        positions of the epoch's global order, what was read before this partition and what this rank
+        has read since: the union over the ranks is the epoch's progress on any world size."""
+        probe = copy.copy(self.sampler)  # the sampler may be mid-iteration: leave it as it is
+        probe.set_position(self.epoch, self.step, self.excluded)
         return {
             "kind": STATE_KIND,
             "version": STATE_VERSION,
@@ -378,6 +422,9 @@ class TorchLoader:
             "num_records": self.num_records,
             "seed": self.config.seed,
             "last_batch": self.mode,
+            "excluded": [list(span) for span in self.excluded],
+            "seen": probe.seen(self.step),
+            "shards_digest": self.shards_digest,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -392,7 +439,66 @@ class TorchLoader:
         # A state written before `last_batch` existed is a "pad" one: its steps cut the epoch otherwise.
         state = {"last_batch": "pad", **state}
         check_loader_state(state, STATE_KIND, STATE_VERSION, expected, self.steps_per_epoch)
+        if not self.same_data(state):
+            raise ValueError(f"{STATE_KIND} state was written for other shards (file names or record counts differ)")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.excluded = [[int(a), int(b)] for a, b in state.get("excluded", [])]
+
+    def same_data(self, state: dict[str, Any]) -> bool:
+        """Whether `state` (any rank's, any world size) was written for these records. A state from before
+        the digest existed is judged by its record count."""
+        digest = state.get("shards_digest", self.shards_digest)
+        return state.get("num_records") == self.num_records and digest == self.shards_digest
+
+    def epoch_progress(self, states: list[dict[str, Any]]) -> tuple[int, position.Intervals]:
+        """(epoch, positions of its order read) of the run whose ranks wrote `states`, on any world size."""
+        first = states[0]
+        if first.get("kind") != STATE_KIND or first.get("version") != STATE_VERSION:
+            raise ValueError(f"not a {STATE_KIND} state v{STATE_VERSION} (kind={first.get('kind')!r})")
+        epoch = int(first["epoch"])
+        if any(int(s["epoch"]) != epoch or s["step"] != first["step"] for s in states):
+            raise ValueError("the ranks' loader states are at different positions")
+        seen: list[position.Intervals] = []
+        for rank, s in enumerate(states):
+            if "seen" in s:
+                seen.append(s["seen"])
+            else:  # written before `seen` existed: the same sampler on the old world size says it
+                old = EpochSampler(
+                    self.num_records,
+                    s["batch_size"],
+                    rank,
+                    len(states),
+                    self.sampler.shuffle,
+                    self.sampler.seed,
+                    self.sampler.augment,
+                    s.get("last_batch", "pad"),
+                )
+                old.set_position(epoch, 0, s.get("excluded"))
+                seen.append(old.seen(int(s["step"])))
+        return epoch, position.union(first.get("excluded", []), *seen)
+
+    def continue_epoch(self, states: list[dict[str, Any]]) -> str:
+        """Continue the epoch where the ranks that wrote `states` (another world size) stood, over the
+        positions of its order none of them had read, in a new partition over this loader's ranks.
+        Where those do not fill one more step, the next epoch starts. Returns what happened, in words."""
+        if not all(self.same_data(s) for s in states):
+            raise ValueError("the loader states were written for other shards")
+        epoch, seen = self.epoch_progress(states)
+        self.epoch, self.step, self.excluded = epoch, 0, seen
+        self.sampler.set_position(epoch, 0, seen)
+        read, left = position.covered(seen), self.num_records - position.covered(seen)
+        steps = self.sampler.epoch_steps()
+        if steps == 0:
+            self.epoch, self.excluded = epoch + 1, []
+            return f"epoch {epoch}: {read} of {self.num_records} records read, the {left} left fill no step: next epoch"
+        said = f"epoch {epoch} continues over the {left} of {self.num_records} records not yet read: {steps} steps"
+        if self.mode == "drop":
+            said += f", {left - steps * self.world_size * self.config.batch_size} records left out (last_batch=drop)"
+        return said
+
+    def restart_epoch(self, epoch: int) -> None:
+        """Start `epoch` afresh, in its own order (a resume onto changed shards)."""
+        self.epoch, self.step, self.excluded = epoch, 0, []
 
     def close(self) -> None:
         """Stop the worker processes and close this process's file handles."""

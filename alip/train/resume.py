@@ -88,20 +88,69 @@ def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
     ]
 
 
-def check_resume(state: dict[str, Any], cfg: Config, world_size: int) -> None:
-    """Refuse a checkpoint this run cannot continue; warn about each change it applies."""
-    if state["world_size"] != world_size:
+# Applied with --reshard only: the data may change (more shards, another folder); the model and schedule
+# continue and the data order restarts (Trainer.load_state_dict).
+RESHARD_APPLIED = ("data.train",)
+RESHARD_HINT = (
+    "--reshard continues it: model, optimizer, schedule, gate EMAs and counters exactly, the data position "
+    "as well as it can (README, Resume)"
+)
+
+
+def check_resume(state: dict[str, Any], cfg: Config, world_size: int, reshard: bool = False) -> None:
+    """Refuse a checkpoint this run cannot continue; warn about each change it applies.
+
+    With `reshard`, a checkpoint of another world size and a changed data.train are accepted too."""
+    old_world = state["world_size"]
+    if old_world != world_size and not reshard:
         raise CheckpointError(
-            f"checkpoint was written by {state['world_size']} ranks, this run has {world_size}: "
-            "exact resume needs the same world size (the data order and loader states are per rank)"
+            f"checkpoint was written by {old_world} ranks, this run has {world_size}: exact resume needs the same "
+            f"world size (the data order and loader states are per rank); {RESHARD_HINT}"
         )
     changes = config_changes(state["config"], cfg)
-    refused = [c for c in changes if not applies_on_resume(c.split(" ")[0])]
+
+    def allowed(change: str) -> bool:
+        key = change.split(" ")[0]
+        return applies_on_resume(key) or (reshard and key in RESHARD_APPLIED)
+
+    refused = [c for c in changes if not allowed(c)]
     if refused:
+        data = any(c.split(" ")[0] in RESHARD_APPLIED for c in refused)
         raise CheckpointError(
             f"cannot resume with these changes to the checkpoint's config: {', '.join(refused)}. They would "
             "make the checkpoint's weights, gate state or data position mean something else; start a new "
             "run instead (model.pretrained=CHECKPOINT keeps the weights)"
+            + ("; for data.train, " + RESHARD_HINT if data else "")
         )
-    if changes and get_rank() == 0:
+    if get_rank() != 0:
+        return
+    if changes:
         logger.warning("resuming with a changed config, applied from the next step on: %s", ", ".join(changes))
+    if old_world != world_size:
+        _warn_batch_split(state["config"], cfg, old_world, world_size)
+
+
+def _warn_batch_split(saved: dict[str, Any], cfg: Config, old_world: int, world_size: int) -> None:
+    """The global batch stays; each rank's share changes. Say so, and how to keep the micro-batch."""
+    batch = cfg.train.batch_size
+    old_micro = batch // old_world // saved.get("train", {}).get("accum_steps", 1)
+    per_rank = batch // world_size
+    micro = per_rank // cfg.train.accum_steps
+    logger.warning(
+        "--reshard: %d ranks -> %d; the global batch stays %d, each rank takes %d per step (micro-batch %d, was %d)",
+        old_world,
+        world_size,
+        batch,
+        per_rank,
+        micro,
+        old_micro,
+    )
+    if micro > old_micro and per_rank % old_micro == 0:
+        logger.warning(
+            "each rank's micro-batch grows from %d to %d: if memory runs short, train.accum_steps=%d keeps it at %d "
+            "(exact accumulation: the same gradient)",
+            old_micro,
+            micro,
+            per_rank // old_micro,
+            old_micro,
+        )

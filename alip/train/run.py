@@ -1,6 +1,6 @@
 """Run a training in this process: distributed set-up, run folder and its lock, resume, then `Trainer.fit`.
 
-`train(cfg, resume)` is what `python -m alip.train` and torchrun workers call; tests call it too.
+`train(cfg, resume, reshard)` is what `python -m alip.train` and torchrun workers call; tests call it too.
 """
 
 from __future__ import annotations
@@ -100,34 +100,71 @@ def start_checkpoint(resume: str | None, directory: Path) -> Path | None:
     return start
 
 
-def train(cfg: Config, resume: str | None = None) -> Trainer:
-    """Run (or continue) the training `cfg` describes in this process; returns the trainer."""
+def batch_split_hint(cfg: Config, world_size: int) -> str | None:
+    """How the global batch could split, where `train.batch_size` does not divide across the ranks and
+    `train.accum_steps` (None where it does). A resume keeps the checkpoint's global batch, so after
+    a change of allocation the number of ranks or the accumulation has to give."""
+    batch, accum = cfg.train.batch_size, cfg.train.accum_steps
+    if batch < 1 or accum < 1 or world_size < 1 or batch % (world_size * accum) == 0:
+        return None
+    if batch % world_size == 0:
+        per_rank = batch // world_size
+        fits = [k for k in range(1, per_rank + 1) if per_rank % k == 0]
+        return (
+            f"On {world_size} ranks each rank takes {per_rank} samples per step: train.accum_steps must divide it "
+            f"({', '.join(map(str, fits))})"
+        )
+    sizes = [w for w in range(1, batch + 1) if batch % w == 0]
+    near = [
+        max((w for w in sizes if w < world_size), default=None),
+        min((w for w in sizes if w > world_size), default=None),
+    ]
+    options = [f"{w} ranks (train.accum_steps dividing {batch // w})" for w in near if w is not None]
+    return (
+        f"The global batch {batch} (train.batch_size, which a resume keeps) splits evenly over "
+        f"{', '.join(map(str, sizes))} ranks only, and train.accum_steps splits each rank's share further: "
+        f"run on {' or '.join(options)}"
+    )
+
+
+def train(cfg: Config, resume: str | None = None, reshard: bool = False) -> Trainer:
+    """Run (or continue) the training `cfg` describes in this process; returns the trainer.
+
+    `reshard`: the checkpoint may come from another number of ranks or other shards (README, Resume)."""
     init_after_elastic_restart(read_env())
     env = init_distributed()  # returns the environment if the group already exists
-    shape = validate(cfg, env.world_size)
+    try:
+        shape = validate(cfg, env.world_size)
+    except ConfigError as e:
+        hint = batch_split_hint(cfg, env.world_size)
+        if hint is None:
+            raise
+        raise ConfigError(f"{e}. {hint}") from None
     run_dir = Path(cfg.output_dir)
     lock = FolderLock(run_dir, "alip.train")
     try:
         on_rank0(lambda: claim_run_dir(run_dir, lock))
-        trainer = prepare(cfg, shape, run_dir, resume, device_for(env.local_rank))
+        trainer = prepare(cfg, shape, run_dir, resume, device_for(env.local_rank), reshard)
         trainer.fit()
     finally:
         lock.release()  # held by rank 0 only; the others have nothing to release
     return trainer
 
 
-def prepare(cfg: Config, shape: RunShape, run_dir: Path, resume: str | None, device: torch.device) -> Trainer:
+def prepare(
+    cfg: Config, shape: RunShape, run_dir: Path, resume: str | None, device: torch.device, reshard: bool = False
+) -> Trainer:
     """The trainer, at step 0 or at the checkpoint's step. Everything that can refuse (the checkpoint,
     the config's changes) does so before the first write: a refused resume leaves config.yaml as it was."""
     start = on_rank0(lambda: start_checkpoint(resume, checkpoint_dir(run_dir)))
     state = load_training_state(start) if start is not None else None
     if state is not None:
-        check_resume(state, cfg, shape.world_size)
+        check_resume(state, cfg, shape.world_size, reshard)
     # open_clip's "initialized randomly" would mislead where the checkpoint's weights are loaded right after
     with quiet_random_init() if state is not None else contextlib.nullcontext():
         trainer = Trainer(cfg, shape, run_dir, device)
     if state is not None:
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, reshard)
         logger.info("resumed from %s at step %d", start, trainer.state.step)
     if get_rank() == 0:
         save_config(cfg, run_dir / "config.yaml")  # what runs, also where a resume changed it

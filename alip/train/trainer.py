@@ -7,7 +7,8 @@ Each step: next batch -> `train_step` (exact accumulation, see alip.train.step; 
 on every rank) -> `logger.should_log(step)` -> `evaluator.should_run(step)` ->
 `checkpointer.should_save(step)` (rank 0's time verdict, broadcast) -> SIGTERM check. Everything a
 resume needs is in `state_dict()`: model, optimizer, scaler, scheduler, gate EMAs, counters, and
-the RNG and loader state of every rank.
+the RNG and loader state of every rank. `load_state_dict(state, reshard=True)` also continues a
+checkpoint of another world size or of other shards: everything but the data position exactly.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import alip
 from alip.config import Config, ConfigError, RunShape, to_dict
-from alip.data.loader_config import LoaderConfig
+from alip.data.loader_config import LoaderConfig, steps_per_epoch
 from alip.distributed import get_rank, get_world_size
 from alip.flops import device_peak_tflops, step_flops, supports_count
 from alip.model import CheckpointError
@@ -205,12 +206,22 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], reshard: bool = False) -> None:
         """Continue exactly where `state` stopped; each rank restores its own loader and RNG.
 
         `state` is one that alip.train.resume.check_resume accepted for this config and world size.
         Hyperparameters come from this trainer's config (see resume_optimizer), the rest from `state`.
+        With `reshard`, `state` may come from another world size or other shards (see `_reshard_data`).
         """
+        loaders = [r["loader"] for r in state["ranks"]]
+        exact = state["world_size"] == self.world_size and self.loader.same_data(loaders[self.rank])
+        if not exact and not reshard:  # another world size was refused by check_resume: the shards changed
+            raise CheckpointError(
+                "the checkpoint's data position does not fit data.train: its shards differ from the checkpoint's "
+                "(file names or record counts); --reshard continues the model and schedule and restarts the data order"
+            )
+        if not exact:
+            self._reshard_total_steps(loaders[0], state["world_size"])
         step = state["train_state"]["step"]
         if step > self.total_steps:
             raise CheckpointError(
@@ -223,13 +234,58 @@ class Trainer:
             self.scaler.load_state_dict(scaler_state(state["scaler"], self.cfg.train.scaler_growth_interval))
         self.loss_fn.load_state_dict(state["loss"])
         self.state = TrainState(**state["train_state"])
-        mine = state["ranks"][self.rank]
-        try:
-            self.loader.load_state_dict(mine["loader"])
-        except ValueError as e:  # the shards under data.train changed since the checkpoint
-            raise CheckpointError(f"the checkpoint's data position does not fit data.train: {e}") from None
-        set_rng_state(mine["rng"])
+        if exact:
+            mine = state["ranks"][self.rank]
+            try:
+                self.loader.load_state_dict(mine["loader"])
+            except ValueError as e:  # the shards under data.train changed since the checkpoint
+                raise CheckpointError(f"the checkpoint's data position does not fit data.train: {e}") from None
+            set_rng_state(mine["rng"])
+        else:
+            self._reshard_data(loaders, state["world_size"])
+            # Every rank seeds torch, NumPy and Python alike and draws the same numbers (the per-rank
+            # randomness is the loaders'), so rank 0's generators are every rank's.
+            set_rng_state(state["ranks"][0]["rng"])
         self._last_saved_step = self.state.step
+
+    def _reshard_total_steps(self, loader_state: dict[str, Any], old_world_size: int) -> None:
+        """A resharded run ends where the checkpoint's would have: on the same shards, `train.epochs` counts
+        epochs of the checkpoint's length (N // global batch with last_batch=drop, the same on any world
+        size; "pad" can differ by a step per epoch). On changed shards, epochs of the new data."""
+        if not self.loader.same_data(loader_state):
+            return
+        per_epoch = steps_per_epoch(
+            loader_state["num_records"],
+            loader_state["batch_size"],
+            old_world_size,
+            loader_state.get("last_batch", "pad"),
+        )
+        total = total_steps(self.cfg, per_epoch)
+        if total != self.total_steps:
+            # Both anew: a schedule built over an optimizer that already has one reads its lr as the peak.
+            self.total_steps = total
+            self.optimizer = build_optimizer(self.clip, self.cfg.optim)
+            self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, total)
+
+    def _reshard_data(self, loaders: list[dict[str, Any]], old_world_size: int) -> None:
+        """Place the loader after a checkpoint of another world size, or of other shards (--reshard)."""
+        if self.loader.same_data(loaders[0]):
+            said = self.loader.continue_epoch(loaders)
+            what = f"written by {old_world_size} ranks, continued on {self.world_size}"
+        else:
+            self.loader.restart_epoch(int(loaders[0]["epoch"]))
+            said = f"epoch {self.loader.epoch} starts afresh over the {self.loader.num_records} records of data.train"
+            what = "written for other shards than data.train's"
+        if self.rank == 0:
+            logger.warning(
+                "--reshard: checkpoint %s. Model, optimizer, schedule, gate EMAs and counters continue exactly "
+                "(step %d, %d samples seen, %d steps in all); the data order does not: %s",
+                what,
+                self.state.step,
+                self.state.samples_seen,
+                self.total_steps,
+                said,
+            )
 
     def save(self) -> None:
         state = self.state_dict()

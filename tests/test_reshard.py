@@ -1,0 +1,297 @@
+"""`--resume --reshard`: a checkpoint of 2 ranks continued on 1 and on 3 ranks, and on changed shards.
+
+One 2-rank gloo run of 10 steps (global batch 6 on 24 records: 4 steps per epoch, 2.5 epochs, a
+cosine schedule) checkpoints at step 6, in the middle of epoch 1. From that checkpoint:
+- 1 rank (in this process) and 3 ranks (spawned) continue to the end with `reshard`: the step
+  counter, the samples seen and the learning rate continue exactly (the same total of 10 steps), the
+  model after the first resumed step is one optimizer step from the checkpoint on that step's
+  global batch, and epoch 1 reads each of its records exactly once (the README's "Resume");
+- a checkpoint of 4 ranks at global batch 8 is refused on 3 ranks with the accumulation hint, and a
+  checkpoint of another world size without `--reshard` is refused naming the flag.
+At the loader level (no training): with 27 records, a continued epoch repeats none and leaves out
+N mod global batch, as an uninterrupted epoch does. A changed dataset is refused without `--reshard`
+and continues with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from dist_harness import join_rank_env, run_ranks
+from shard_factory import write_test_shards
+
+from alip.config import ConfigError, load_config, validate
+from alip.data.loader_config import LoaderConfig
+from alip.data.torch_loader import TorchLoader
+from alip.model import CheckpointError
+from alip.train.checkpoint import load_training_state, save_checkpoint
+from alip.train.resume import check_resume
+from alip.train.run import train
+from alip.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_cpu.yaml"
+TOTAL = 10  # 2.5 epochs of 24 // 6 = 4 steps
+RESUMED_AT = 6  # epoch 1, step 2
+
+
+def overrides(data, out_dir, *extra):
+    return [
+        f"data.train={data}",
+        f"output_dir={out_dir}",
+        "train.batch_size=6",
+        "train.max_steps=null",
+        "train.epochs=2.5",
+        "schedule.name=cosine",
+        "schedule.warmup=0.2",
+        "checkpoint.every_steps=6",
+        "checkpoint.keep_last=10",
+        "checkpoint.export=false",
+        "log.every_steps=100",
+        *extra,
+    ]
+
+
+RESUMED = ["checkpoint.every_steps=1"]  # a checkpoint after every resumed step (applied on resume)
+
+
+def keys(batch):
+    """The record keys of a batch (shard_factory: raw tokens [49406, 1000 + key, 49407])."""
+    return [int(t) - 1000 for t in batch["text"][:, 1]]
+
+
+def recording(record):
+    """Trainer.train_step that also records each step's record keys, and the first step's whole batch."""
+    original = Trainer.train_step
+
+    def train_step(self, batch):
+        if "first" not in record:
+            record["first"] = {k: v.clone() for k, v in batch.items()}
+        record["keys"].append(keys(batch))
+        return original(self, batch)
+
+    return train_step
+
+
+def _two_ranks(rank, port, data, out_dir):
+    join_rank_env(rank, 2, port)
+    record = {"keys": []}
+    Trainer.train_step = recording(record)  # a spawned process: patched here only
+    train(load_config(TINY, overrides(data, Path(out_dir) / "a")))
+    torch.save(record, Path(out_dir) / f"a_rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _three_ranks(rank, port, data, out_dir):
+    join_rank_env(rank, 3, port)
+    out_dir = Path(out_dir)
+    start = out_dir / "a" / "checkpoints" / f"step-{RESUMED_AT:08d}.pt"
+    refusals = {}
+    # 4 ranks x 2 at global batch 8 cannot split over 3 ranks: refused before anything is read or written.
+    try:
+        cfg = load_config(TINY, overrides(data, out_dir / "c8", "train.batch_size=8"))
+        train(cfg, str(out_dir / "four_ranks.pt"), reshard=True)
+    except ConfigError as e:
+        refusals["batch"] = str(e)
+    record = {"keys": []}
+    Trainer.train_step = recording(record)
+    train(load_config(TINY, overrides(data, out_dir / "c", *RESUMED)), str(start), reshard=True)
+    record["refusals"] = refusals
+    torch.save(record, out_dir / f"c_rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reshard")
+    run_ranks(_two_ranks, (str(shards.meta), str(out)), nprocs=2)
+    # A 4-rank checkpoint at global batch 8, made from the 2-rank one (only its world size and batch are read).
+    state = load_training_state(out / "a" / "checkpoints" / f"step-{RESUMED_AT:08d}.pt")
+    state["world_size"], state["ranks"] = 4, state["ranks"] * 2
+    state["config"]["train"]["batch_size"] = 8
+    torch.save(state, out / "four_ranks.pt")
+    run_ranks(_three_ranks, (str(shards.meta), str(out)), nprocs=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank(shards, runs, one_thread):
+    """The 2-rank checkpoint continued on 1 rank, in this process."""
+    record = {"keys": []}
+    original = Trainer.train_step
+    Trainer.train_step = recording(record)
+    try:
+        start = runs / "a" / "checkpoints" / f"step-{RESUMED_AT:08d}.pt"
+        train(load_config(TINY, overrides(shards.meta, runs / "b", *RESUMED)), str(start), reshard=True)
+    finally:
+        Trainer.train_step = original
+    return record
+
+
+def ckpt(run_dir, step):
+    return load_training_state(Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt")
+
+
+def losses(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "losses.jsonl").read_text().splitlines()]
+
+
+def lr(state):
+    return state["optimizer"]["param_groups"][0]["lr"]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_resharded_run_continues_the_counters_and_schedule_exactly(runs, one_rank, world):
+    run_dir = runs / ("b" if world == 1 else "c")
+    assert [r["step"] for r in losses(run_dir)] == list(range(RESUMED_AT + 1, TOTAL + 1))  # a new folder
+    final, reference = ckpt(run_dir, TOTAL), ckpt(runs / "a", TOTAL)
+    assert final["world_size"] == world and len(final["ranks"]) == world
+    assert final["train_state"]["step"] == TOTAL and final["train_state"]["samples_seen"] == 6 * TOTAL
+    assert final["scheduler"]["last_epoch"] == TOTAL
+    assert lr(final) == lr(reference)  # the same total of 10 steps: the cosine ends where it would have
+    other = runs / ("c" if world == 1 else "b")
+    for step in range(RESUMED_AT + 1, TOTAL + 1):
+        assert lr(ckpt(run_dir, step)) == lr(ckpt(other, step))
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_the_first_resumed_step_is_one_optimizer_step_from_the_checkpoint(runs, one_rank, shards, world):
+    if world == 1:
+        batch = one_rank["first"]
+    else:
+        parts = [torch.load(runs / f"c_rank{r}.pt", weights_only=True)["first"] for r in range(3)]
+        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # global index = rank * B + i
+    assert len(batch["text"]) == 6
+    cfg = load_config(TINY, overrides(shards.meta, runs / f"ref{world}"))
+    reference = Trainer(cfg, validate(cfg, 1), runs / f"ref{world}", torch.device("cpu"))
+    reference.load_state_dict(ckpt(runs / "a", RESUMED_AT), reshard=True)
+    assert reference.train_step(batch).applied
+    resumed = ckpt(runs / ("b" if world == 1 else "c"), RESUMED_AT + 1)["model"]
+    for name, value in reference.clip.state_dict().items():
+        if world == 1:  # the same process, the same arithmetic
+            assert torch.equal(value, resumed[name]), name
+        else:  # 3 ranks: DDP's averaged gradient, equal up to float rounding
+            torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_the_interrupted_epoch_reads_each_record_once(runs, one_rank, world):
+    """Epoch 1 is steps 5..8: steps 5-6 on 2 ranks, 7-8 on the new ranks. 24 records, global batch 6:
+    an uninterrupted epoch reads all 24 once; so does the resharded one (no repeat, nothing left out)."""
+    before = [torch.load(runs / f"a_rank{r}.pt", weights_only=True)["keys"] for r in range(2)]
+    after = (
+        [one_rank["keys"]]
+        if world == 1
+        else [torch.load(runs / f"c_rank{r}.pt", weights_only=True)["keys"] for r in range(3)]
+    )
+    read = [k for rank in before for step in rank[4:6] for k in step]
+    read += [k for rank in after for step in rank[:2] for k in step]
+    assert sorted(read) == list(range(24))
+    epoch2 = [k for rank in after for step in rank[2:4] for k in step]  # a new epoch: distinct records
+    assert len(set(epoch2)) == len(epoch2) == 12
+
+
+def test_refusals_name_the_flag_and_the_accumulation(runs, shards):
+    refusal = torch.load(runs / "c_rank0.pt", weights_only=True)["refusals"]["batch"]
+    assert "train.batch_size=8 does not divide across 3 ranks" in refusal and "train.accum_steps" in refusal
+    assert "2 ranks" in refusal and "4 ranks" in refusal
+    state = ckpt(runs / "a", RESUMED_AT)
+    cfg = load_config(TINY, overrides(shards.meta, runs / "x"))
+    with pytest.raises(CheckpointError, match="written by 2 ranks, this run has 3.*--reshard"):
+        check_resume(state, cfg, 3)
+    check_resume(state, cfg, 3, reshard=True)
+
+
+# ----- the loader on its own: a continued epoch, counted -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards27(tmp_path_factory):
+    return write_test_shards(tmp_path_factory.mktemp("shards27"), num_records=27, per_shard=10).meta
+
+
+def _loader(meta, batch, rank, world):
+    return TorchLoader(
+        meta, LoaderConfig(batch_size=batch, image_size=32, num_workers=0), train=True, rank=rank, world_size=world
+    )
+
+
+@pytest.mark.parametrize(("new_world", "new_batch"), [(1, 6), (3, 2)])
+@pytest.mark.parametrize("epoch", [0, 1])
+@pytest.mark.parametrize("done", [1, 3, 4])
+def test_a_continued_epoch_repeats_nothing_and_leaves_out_n_mod_global_batch(
+    shards27, new_world, new_batch, epoch, done
+):
+    """27 records, global batch 6: an epoch is 4 steps and leaves out 3 records (last_batch=drop). After
+    `done` steps on 2 ranks, the epoch continues on `new_world` ranks: 4 - done more steps, no record
+    read twice, and 3 left out, as uninterrupted. A finished epoch (done = 4) goes on to the next."""
+    meta = shards27
+    old = [_loader(meta, 3, r, 2) for r in range(2)]
+    read = []
+    for loader in old:
+        for _ in range(epoch):  # whole epochs before
+            list(loader)
+        it = iter(loader)
+        read += [k for _ in range(done) for k in keys(next(it))]
+    states = [loader.state_dict() for loader in old]
+    new = [_loader(meta, new_batch, r, new_world) for r in range(new_world)]
+    for loader in new:
+        loader.continue_epoch(states)
+    if done == 4:
+        assert all(loader.epoch == epoch + 1 and loader.step == 0 for loader in new)
+        return
+    rest = [list(loader) for loader in new]  # the rest of the epoch
+    assert all(len(r) == 4 - done for r in rest)
+    read += [k for batches in rest for b in batches for k in keys(b)]
+    assert len(read) == len(set(read)) == 24  # none twice, 27 mod 6 = 3 left out
+    assert all(loader.epoch == epoch + 1 for loader in new)
+    nxt = [k for loader in new for b in loader for k in keys(b)]  # then a whole epoch on the new ranks
+    assert len(nxt) == len(set(nxt)) == 24
+
+
+def test_a_continued_epoch_resumes_exactly_on_its_own_world_size(shards27):
+    meta = shards27
+    old = [_loader(meta, 3, r, 2) for r in range(2)]
+    for loader in old:
+        next(iter(loader))
+    states = [loader.state_dict() for loader in old]
+    a = _loader(meta, 2, 1, 3)
+    a.continue_epoch(states)
+    it = iter(a)
+    next(it)
+    saved = a.state_dict()
+    expected = [keys(b) for b in it]
+    b = _loader(meta, 2, 1, 3)
+    b.load_state_dict(saved)
+    assert [keys(x) for x in b] == expected and len(expected) == 2
+
+
+# ----- changed shards ---------------------------------------------------------------------------------------
+
+
+def test_changed_shards_are_refused_without_reshard_and_continue_with_it(shards, tmp_path, one_thread, caplog):
+    run_dir = tmp_path / "run"
+    base = ["train.batch_size=4", "train.max_steps=5", "checkpoint.every_steps=3", "checkpoint.export=false"]
+    train(load_config(TINY, [f"data.train={shards.meta}", f"output_dir={run_dir}", *base]))
+    grown = write_test_shards(tmp_path / "grown", num_records=30, per_shard=10).meta
+    start = str(run_dir / "checkpoints" / "step-00000003.pt")
+    cfg = load_config(TINY, [f"data.train={grown}", f"output_dir={tmp_path / 'b'}", *base])
+    with pytest.raises(CheckpointError, match="data.train.*--reshard"):
+        train(cfg, start)
+    assert not (tmp_path / "b" / "config.yaml").exists()
+    with caplog.at_level(logging.WARNING, logger="alip.train"):
+        trainer = train(cfg, start, reshard=True)
+    assert trainer.state.step == 5 and trainer.loader.num_records == 30
+    assert "starts afresh over the 30 records" in caplog.text
+    assert [r["step"] for r in losses(tmp_path / "b")] == [4, 5]  # a new folder
+    # The same folder regrown under the same name: its digest differs, refused the same way without the flag.
+    state = load_training_state(start)
+    state["ranks"][0]["loader"]["shards_digest"] = "0" * 64
+    save_checkpoint(state, tmp_path / "edited", 3)
+    cfg = load_config(TINY, [f"data.train={shards.meta}", f"output_dir={tmp_path / 'c'}", *base])
+    with pytest.raises(CheckpointError, match="shards differ.*--reshard"):
+        train(cfg, str(tmp_path / "edited" / "step-00000003.pt"))
