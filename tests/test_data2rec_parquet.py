@@ -269,3 +269,54 @@ def test_packed_parquet_shards_train(hub_parquet, tmp_path):
         torch.use_deterministic_algorithms(False)
     losses = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses] == [1, 2] and all(np.isfinite(r["loss"]) for r in losses)
+
+
+def test_the_published_yfcc15m_form_texts_in_label_layout(tmp_path, capsys):
+    """The hub release's form: `images` struct<bytes> and `texts` float32 lists of 77-id texts end to end
+    (here three: raw text, caption, a third text), picked with --tokens-col and --token-slots."""
+    rows = []
+    for i in range(6):
+        texts = [padded(ids_of(f"{kind} {chr(97 + i)}")) for kind in ("raw", "caption", "description")]
+        rows.append({"images": {"bytes": jpeg_bytes(photo(PHOTOS[i])[::8, ::8])}, "texts": sum(texts, [])})
+    rows[5]["texts"] = rows[5]["texts"][:100]  # not whole 77-id texts: a skip
+    schema_ = pa.schema([("images", pa.struct([("bytes", pa.binary())])), ("texts", pa.list_(pa.float32()))])
+    path = tmp_path / "train-00001-of-01507.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema_), path, row_group_size=2)
+
+    assert data2rec.main(["--show-schema", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "--tokens-col (3 texts of 77 ids" in text and "--image-col images --tokens-col texts --out-dir" in text
+
+    out = tmp_path / "out"
+    argv = [str(path), "--image-col", "images", "--tokens-col", "texts", "--token-slots", "0,2", "--out-dir", str(out)]
+    assert run_data2rec([*argv, "--workers", "1", "--no-progress"]) == 0
+    records = read_records(out / "train.meta.json")
+    assert sorted(records) == ["0", "1", "2", "3", "4"]
+    for key, (raw, cap, jpeg, entry) in records.items():
+        i = int(key)
+        assert jpeg == rows[i]["images"]["bytes"]
+        assert raw.tolist() == padded(ids_of(f"raw {chr(97 + i)}"))
+        assert cap.tolist() == padded(ids_of(f"description {chr(97 + i)}"))  # slot 2, not slot 1
+        assert entry["caption"] == f"description {chr(97 + i)}" and entry["caption_decoded"]
+    assert skip_reasons(out)["5"].startswith("bad token ids (--tokens-col): 100 ids")
+
+
+def test_workers_in_processes_read_row_groups_and_the_npy(hub_parquet, tmp_path):
+    """Spawned workers: samples with parquet locations pickle, each worker maps the .npy itself."""
+    path, rows = hub_parquet
+    labels = np.zeros((len(rows), 154), np.int64)
+    for i in range(len(rows)):
+        labels[i, :77], labels[i, 77:] = padded(ids_of("a")), padded(ids_of(f"b {chr(97 + i)}"))
+    np.save(tmp_path / "t.npy", labels)
+    opts = opts_for(
+        tmp_path / "out",
+        columns=Columns(image="image", text=None),
+        tokens_npy=tmp_path / "t.npy",
+        workers=2,
+        shard_records=6,
+    )
+    report = convert([path], opts)
+    assert report.num_records == N_GOOD + 3  # the bad-id rows have good .npy ids; corrupt and null images skip
+    records = read_records(report.meta_path)
+    for key, (_, cap, _, _) in records.items():
+        assert cap.tolist() == labels[int(key), 77:].tolist()  # default keys: the row numbers

@@ -3,18 +3,23 @@
 
 Inputs: manifests (.tsv/.csv/.jsonl/.parquet) with an image-path column (relative to --image-root,
 default the manifest's folder), a raw-text column and optionally a caption column; or img2dataset
-webdataset .tar shards ({key}.jpg/.txt/.json). In parquet manifests the image column may hold the
-images themselves (binary, or the Hugging Face datasets Image struct {bytes, path}), and the text
-and caption columns may hold CLIP token ids (list<int>, or fixed 77-id rows): the kind is read from
-the column's type. Such rows are read by row group when their shard is written, and the shuffle
-mixes whole row groups (see alip.data.convert). --tokens-npy FILE supplies token ids by row order
-instead: an .npy of [N, 154] (raw text and caption, a record label's layout) or [N, 77] (raw text),
-integer or integral float, one row per input row. Token ids must open with the start token 49406,
-hold the end token 49407 and be < 49408; longer than 77 ids are cut keeping the end token; a bad
-row is skipped and reported. The texts sidecar then holds the decoded text, marked "raw_decoded"/
-"caption_decoded". `--show-schema INPUT` lists a manifest's columns, their kinds and the flags that
-pack them. Captions can also come from a sidecar
+webdataset .tar shards ({key}.jpg/.txt/.json). Captions can also come from a sidecar
 (--captions, JSONL/parquet with "key" or "path" and "caption"), as written by tools/caption.py.
+
+The hub's parquet form (most image datasets on Hugging Face, the published YFCC15M): the image
+column may hold the images themselves (binary, or the `datasets` Image struct {bytes, path}), and
+text columns may hold CLIP token ids (list<int>, or fixed 77-id rows); the kind is read from the
+column's type. `--show-schema INPUT` lists the columns, their kinds and the flags that pack them.
+Such rows are read by row group when their shard is written, and the shuffle mixes whole row
+groups (see alip.data.convert). --tokens-col NAME reads both texts from one column of 77-id texts
+end to end, a record label's layout (the published YFCC15M's `texts`); --token-slots picks which
+77-id texts are the raw text and the caption (default 0,1). --tokens-npy FILE supplies them by
+row order instead: an .npy of [N, 154] (raw text and caption) or [N, 77] (raw text), integer or
+integral float, one row per input row (all manifests together, in the order given). Token ids
+must open with the start token 49406, hold the end token 49407 and be < 49408; more than 77 ids
+are cut keeping the end token; a bad row is skipped and reported. The texts sidecar then holds
+the decoded text, marked "raw_decoded"/"caption_decoded". JSONL manifests hold paths and strings.
+
 TSV manifests are read literally: one line per row, fields split on tabs, no CSV quoting (a `"`
 is part of the text); a line whose field count differs from the header's is skipped and reported.
 CSV manifests use standard CSV quoting. JSONL lines must be JSON objects.
@@ -33,8 +38,8 @@ is running. Errors in the inputs or options print one line and exit with status 
 
 Examples:
   python tools/data2rec.py --show-schema part-00000.parquet
-  python tools/data2rec.py /data/yfcc15m_hf/*.parquet --image-col image --text-col raw_text_ids \\
-      --caption-col caption_ids --out-dir /data/yfcc15m_rec --workers 32
+  python tools/data2rec.py /data/yfcc15m_hf/data/*.parquet --image-col images --tokens-col texts \\
+      --out-dir /data/yfcc15m_rec --workers 32
   python tools/data2rec.py yfcc15m.tsv --image-root /data/yfcc/images --text-col title \\
       --captions yfcc15m_captions.jsonl --out-dir /data/yfcc15m_rec --workers 32
   python tools/data2rec.py /data/img2dataset/*.tar --captions caps.jsonl --out-dir shards/
@@ -78,6 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="manifest column (or img2dataset JSON field) with the synthetic caption, a string or token ids",
     )
     p.add_argument(
+        "--tokens-col",
+        help="parquet column of 77-id texts end to end, as a record's label (e.g. 154 ids: raw text, caption)",
+    )
+    p.add_argument(
+        "--token-slots",
+        help="which 77-id texts of --tokens-col/--tokens-npy are the raw text and the caption, e.g. 0,2 "
+        "(default: 0,1; 0 for a 77-wide .npy)",
+    )
+    p.add_argument(
         "--tokens-npy",
         type=Path,
         help=".npy of token ids by input row: [N, 154] raw text + caption, or [N, 77] raw text",
@@ -111,14 +125,22 @@ def main(argv=None) -> int:
         return 0
     if args.out_dir is None:
         raise sources.InputError("--out-dir is required (or --show-schema to only look at the inputs)")
-    text_col = args.text_col if args.text_col is not None else (None if args.tokens_npy else "text")
+    text_col = args.text_col if args.text_col is not None else (None if args.tokens_npy or args.tokens_col else "text")
+    slots = None
+    if args.token_slots is not None:
+        try:
+            slots = tuple(int(x) for x in args.token_slots.split(","))
+        except ValueError:
+            slots = ()
+        if not 1 <= len(slots) <= 2 or min(slots) < 0:
+            raise sources.InputError(f"--token-slots {args.token_slots!r}: give one or two slot numbers, e.g. 0,1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("alip").setLevel(logging.INFO)  # ours; open_clip's INFO lines are noise here
     opts = ConvertOptions(
         out_dir=args.out_dir,
         prefix=args.prefix,
         image_root=args.image_root,
-        columns=Columns(args.image_col, text_col, args.caption_col, args.key_col),
+        columns=Columns(args.image_col, text_col, args.caption_col, args.key_col, args.tokens_col, slots),
         captions=args.captions,
         tokens_npy=args.tokens_npy,
         require_caption=not args.no_caption,
@@ -161,6 +183,8 @@ def schema_report(path: Path) -> str:
     lines = [f"{path} ({rows})", f"  {'column':<24} {'type':<36} {'kind':<16} flag"]
     for c in columns:
         flag = "--tokens-npy" if path.suffix == ".npy" else _FLAG_OF_KIND.get(c.kind, "")
+        if c.label_layout:
+            flag = f"--tokens-col ({c.width // 77} texts of 77 ids: raw text, caption, ...; --token-slots picks)"
         if not flag and _KEY_NAME.match(c.name):
             flag = "--key-col"
         lines.append(f"  {c.name:<24} {c.type[:36]:<36} {c.kind:<16} {flag}")
@@ -171,7 +195,12 @@ def schema_report(path: Path) -> str:
     images = [c for c in columns if c.kind in sources.IMAGE_KINDS] or [
         c for c in columns if c.kind == sources.IMAGE_PATH
     ]
-    texts = [c for c in columns if c.kind in (sources.TEXT, sources.TOKEN_IDS) and not _KEY_NAME.match(c.name)]
+    labels = [c for c in columns if c.label_layout]
+    texts = [
+        c
+        for c in columns
+        if c.kind in (sources.TEXT, sources.TOKEN_IDS) and not c.label_layout and not _KEY_NAME.match(c.name)
+    ]
     captions = [c for c in texts if _CAPTION_NAME.search(c.name)]
     raws = [c for c in texts if c not in captions]
     keys = [c for c in columns if _KEY_NAME.match(c.name)]
@@ -180,11 +209,13 @@ def schema_report(path: Path) -> str:
         cmd += ["--image-col", images[0].name]
         if images[0].kind == sources.IMAGE_PATH:
             cmd += ["--image-root", "IMAGE_FOLDER"]
-    if raws:
+    if labels:
+        cmd += ["--tokens-col", labels[0].name]
+    elif raws:
         cmd += ["--text-col", raws[0].name]
-    if captions:
+    if captions and not labels:
         cmd += ["--caption-col", captions[0].name]
-    else:
+    elif not labels:
         cmd += ["--no-caption"]
     if keys:
         cmd += ["--key-col", keys[0].name]

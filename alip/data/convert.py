@@ -166,7 +166,7 @@ def _check_tokens_npy(inputs: list[Path], opts: ConvertOptions, num_rows: int, s
             f"--tokens-npy {opts.tokens_npy} has {tokens.shape[0]} rows but the inputs have {num_rows} rows; "
             "row i of the .npy must hold the token ids of input row i"
         )
-    if tokens.shape[1] == 2 * schema.CONTEXT_LENGTH:
+    if len(opts.columns.slots(tokens.shape[1])) > 1:
         for s in samples:
             s.caption = ""  # read from the .npy when the shard is written
 
@@ -190,7 +190,7 @@ def _join_captions(samples: list[SourceSample], opts: ConvertOptions) -> tuple[l
             caption = by_key.get(s.key) or (by_path.get(s.path) if s.path else None)
             if caption is not None:
                 s.caption = caption
-    elif opts.columns.caption is None and opts.require_caption and not _npy_has_captions(opts):
+    elif opts.columns.caption is None and opts.require_caption and not _tokens_have_captions(opts):
         raise InputError(
             "no caption source: pass a caption column, a caption sidecar (--captions), "
             "or allow empty captions (--no-caption) for CLIP-only data"
@@ -204,8 +204,11 @@ def _join_captions(samples: list[SourceSample], opts: ConvertOptions) -> tuple[l
     return kept, skips
 
 
-def _npy_has_captions(opts: ConvertOptions) -> bool:
-    return opts.tokens_npy is not None and open_tokens_npy(opts.tokens_npy).shape[1] == 2 * schema.CONTEXT_LENGTH
+def _tokens_have_captions(opts: ConvertOptions) -> bool:
+    """Caption ids come from the --tokens-npy file or the --tokens-col column."""
+    if opts.tokens_npy is not None:
+        return len(opts.columns.slots(open_tokens_npy(opts.tokens_npy).shape[1])) > 1
+    return opts.columns.tokens is not None and len(opts.columns.slots()) > 1
 
 
 # ---------------------------------------------------------------- 2. plan
@@ -261,8 +264,10 @@ def plan_fingerprint(tasks: list[ShardTask], opts: ConvertOptions) -> str:
     """Changes whenever a rerun would write different shards."""
     h = hashlib.sha256()
     settings = [opts.prefix, opts.seed, opts.max_side, opts.jpeg_quality, opts.max_pixels, opts.tokenizer]
-    if opts.tokens_npy is not None:  # appended only when set: older plans keep their fingerprint
-        settings.append(str(opts.tokens_npy))
+    if opts.tokens_npy is not None or any(s.row_group >= 0 for t in tasks for _, s in t.items):
+        # values read when a shard is written are not hashed below: hash where they come from instead
+        # (appended only then: older plans keep their fingerprint)
+        settings += [str(opts.tokens_npy), asdict(opts.columns)]
     h.update(json.dumps(settings).encode())
     for task in tasks:
         h.update(f"|{task.stem}".encode())

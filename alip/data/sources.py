@@ -86,12 +86,21 @@ class BadRow:
 @dataclass
 class Columns:
     image: str = "image"
-    text: str | None = "text"  # None: the raw texts come from a --tokens-npy file
+    text: str | None = "text"  # None: the raw texts come from `tokens` or a --tokens-npy file
     caption: str | None = None
     key: str | None = None
+    tokens: str | None = None  # parquet column of 77-id texts end to end (a label's layout: raw text, caption, ...)
+    token_slots: tuple[int, ...] | None = None  # which 77-id slots of `tokens` (or the .npy) are raw text, caption
 
     def required(self) -> list[str]:
-        return [c for c in (self.image, self.text, self.caption, self.key) if c]
+        return [c for c in (self.image, self.text, self.caption, self.key, self.tokens) if c]
+
+    def slots(self, width: int | None = None) -> tuple[int, ...]:
+        """The slots to read from rows of `width` ids: as given, else raw text and caption (raw text alone
+        from a 77-wide .npy)."""
+        if self.token_slots is not None:
+            return self.token_slots
+        return (0,) if width == CONTEXT_LENGTH else (0, 1)
 
 
 def read_rows(path: Path, columns: Columns) -> Iterable[dict | BadRow]:
@@ -314,7 +323,11 @@ def read_caption_sidecar(path: Path) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def read_image_bytes(sample: SourceSample) -> bytes:
-    """The image bytes of a sample, from its file or from inside its tar. Raises BadImage if unreadable."""
+    """The image bytes of a sample, from its file or from inside its tar. Raises BadImage if unreadable.
+
+    Images embedded in a parquet manifest are read by row group with `read_inputs`, not one by one."""
+    if sample.embedded:
+        raise BadImage("image embedded in a parquet manifest: not readable one by one (see sources.read_inputs)")
     if sample.tar_offset >= 0:
         with open(sample.image, "rb") as f:
             f.seek(sample.tar_offset)
@@ -398,7 +411,13 @@ def _parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) -
             raise InputError(
                 f"{path}: text column {col!r} is {schema.field(col).type}; expected strings or token ids (list<int>)"
             )
-    deferred = {c for c in (columns.image, columns.text, columns.caption) if c and kinds[c] != TEXT}
+    if columns.tokens and (kinds[columns.tokens] != TOKEN_IDS or columns.text):
+        raise InputError(
+            f"{path}: --tokens-col {columns.tokens!r} ({schema.field(columns.tokens).type}) must be a list of ids "
+            "and gives the raw text itself (no --text-col with it)"
+        )
+    deferred = {c for c in (columns.image, columns.text, columns.caption, columns.tokens) if c and kinds[c] != TEXT}
+    tokens_caption = columns.tokens and not columns.caption and len(columns.slots()) > 1
     cheap = list(dict.fromkeys(c for c in columns.required() if c not in deferred))
     embedded = image_kind in IMAGE_KINDS
     mtime = path.stat().st_mtime_ns
@@ -420,7 +439,7 @@ def _parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) -
                 key=str(values[columns.key][r]) if columns.key else str(row_number),
                 image=str(path) if embedded else str(root / rel),
                 raw_text=_cheap_text(values, columns.text, r) or "",
-                caption=_cheap_text(values, columns.caption, r),
+                caption="" if tokens_caption else _cheap_text(values, columns.caption, r),
                 path=rel,
                 input_row=row_number,
             )
@@ -500,10 +519,11 @@ def open_tokens_npy(path: Path):
         tokens = np.load(path, mmap_mode="r")
     except Exception as e:  # ValueError, OSError, pickle refusal
         raise InputError(f"--tokens-npy {path}: not a readable .npy array: {e}") from None
-    if tokens.ndim != 2 or tokens.shape[1] not in (CONTEXT_LENGTH, 2 * CONTEXT_LENGTH):
+    if tokens.ndim != 2 or tokens.shape[1] % CONTEXT_LENGTH or not tokens.shape[1]:
         raise InputError(
             f"--tokens-npy {path}: shape {tokens.shape}; expected [N, {2 * CONTEXT_LENGTH}] (raw text and caption "
-            f"ids, as in a record's label) or [N, {CONTEXT_LENGTH}] (raw text ids)"
+            f"ids, as in a record's label), [N, {CONTEXT_LENGTH}] (raw text ids) or another multiple of 77 "
+            "(--token-slots picks the texts)"
         )
     if not (np.issubdtype(tokens.dtype, np.integer) or np.issubdtype(tokens.dtype, np.floating)):
         raise InputError(f"--tokens-npy {path}: dtype {tokens.dtype}; token ids must be integers or integral floats")
@@ -538,7 +558,7 @@ def read_inputs(
         schema = pf.schema_arrow
         wanted = [
             c
-            for c in dict.fromkeys((columns.image, columns.text, columns.caption))
+            for c in dict.fromkeys((columns.image, columns.text, columns.caption, columns.tokens))
             if c and column_kind(schema.field(c).type) != TEXT
         ]
         table = pf.read_row_group(group, columns=wanted)
@@ -551,7 +571,7 @@ def read_inputs(
     if tokens is not None:
         for i, s in enumerate(samples):
             if out[i].error is None:
-                _place_npy(out[i], tokens[s.input_row])
+                _place_label(out[i], tokens[s.input_row], columns.slots(tokens.shape[1]), "--tokens-npy")
     return out
 
 
@@ -574,6 +594,8 @@ def _place(inp: RowInputs, sample: SourceSample, col: str, kind: str, value, col
                 inp.error = f"unreadable file: {e.strerror or e} ({value['path']})"
         else:
             inp.error = f"missing field(s) {[col]}"
+    elif col == columns.tokens:
+        _place_label(inp, np.asarray(value), columns.slots(), "--tokens-col")
     elif kind == TOKEN_IDS:
         for name, target in (("raw text", columns.text), ("caption", columns.caption)):
             if col != target:
@@ -589,15 +611,16 @@ def _place(inp: RowInputs, sample: SourceSample, col: str, kind: str, value, col
                 inp.caption = ids
 
 
-def _place_npy(inp: RowInputs, row: np.ndarray) -> None:
-    halves = [("raw text", row[:CONTEXT_LENGTH])]
-    if row.shape[0] == 2 * CONTEXT_LENGTH:
-        halves.append(("caption", row[CONTEXT_LENGTH:]))
-    for name, ids in halves:
+def _place_label(inp: RowInputs, row: np.ndarray, slots: tuple[int, ...], what: str) -> None:
+    """Raw text (and caption) ids from a row of 77-id texts end to end, slots[0] and slots[1]."""
+    if row.ndim != 1 or row.shape[0] % CONTEXT_LENGTH or row.shape[0] < CONTEXT_LENGTH * (max(slots) + 1):
+        inp.error = f"bad token ids ({what}): {row.shape[0]} ids, not 77-id texts covering slot(s) {list(slots)}"
+        return
+    for name, slot in zip(("raw text", "caption"), slots, strict=False):
         try:
-            checked = check_token_ids(ids)
+            checked = check_token_ids(row[slot * CONTEXT_LENGTH : (slot + 1) * CONTEXT_LENGTH])
         except BadTokens as e:
-            inp.error = f"bad token ids ({name}, --tokens-npy): {e}"
+            inp.error = f"bad token ids ({name}, {what}): {e}"
             return
         if name == "raw text":
             inp.raw = checked
@@ -614,6 +637,12 @@ class ColumnInfo:
     type: str  # Arrow type, JSON type or "string" (TSV/CSV)
     kind: str  # IMAGE_PATH, IMAGE_BYTES, IMAGE_STRUCT, TEXT, TOKEN_IDS or OTHER
     example: str = ""
+    width: int | None = None  # ids in the first row of a TOKEN_IDS column
+
+    @property
+    def label_layout(self) -> bool:
+        """Several 77-id texts end to end (raw text, caption, ...), as a record's label holds them."""
+        return self.kind == TOKEN_IDS and bool(self.width) and self.width % CONTEXT_LENGTH == 0 and self.width > 77
 
 
 def _looks_like_paths(values: list) -> bool:
@@ -652,9 +681,10 @@ def describe_columns(path: Path, sample_rows: int = 20) -> tuple[int | None, lis
             if kind == TEXT and _looks_like_paths(values):
                 kind = IMAGE_PATH
             example = next((v for v in values if v is not None), None)
-            infos.append(
-                ColumnInfo(field_.name, str(field_.type), kind, _short(example) if example is not None else "")
-            )
+            info = ColumnInfo(field_.name, str(field_.type), kind, _short(example) if example is not None else "")
+            if kind == TOKEN_IDS and example is not None:
+                info.width = len(example)
+            infos.append(info)
         return pf.metadata.num_rows, infos
     if suffix not in MANIFEST_SUFFIXES:
         raise InputError(f"{path}: --show-schema reads {MANIFEST_SUFFIXES} manifests and token .npy files")
