@@ -421,6 +421,7 @@ def _parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) -
     cheap = list(dict.fromkeys(c for c in columns.required() if c not in deferred))
     embedded = image_kind in IMAGE_KINDS
     mtime = path.stat().st_mtime_ns
+    file = str(path)  # one string shared by every row's sample: 15M rows would hold 15M copies otherwise
     samples, skips = [], []
     row_number = first_row - 1
     for group in range(pf.num_row_groups):
@@ -437,14 +438,14 @@ def _parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) -
             rel = None if embedded else str(values[columns.image][r])
             sample = SourceSample(
                 key=str(values[columns.key][r]) if columns.key else str(row_number),
-                image=str(path) if embedded else str(root / rel),
+                image=file if embedded else str(root / rel),
                 raw_text=_cheap_text(values, columns.text, r) or "",
                 caption="" if tokens_caption else _cheap_text(values, columns.caption, r),
                 path=rel,
                 input_row=row_number,
             )
             if deferred:
-                sample.parquet, sample.row_group, sample.row = str(path), group, r
+                sample.parquet, sample.row_group, sample.row = file, group, r
             if embedded:
                 sample.size, sample.mtime_ns = size, mtime
             samples.append(sample)
