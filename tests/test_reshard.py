@@ -25,7 +25,7 @@ from dist_harness import join_rank_env, run_ranks
 from shard_factory import write_test_shards
 
 from alip.config import ConfigError, load_config, validate
-from alip.data.loader_config import LoaderConfig
+from alip.data.loader_config import LoaderConfig, steps_per_epoch
 from alip.data.torch_loader import TorchLoader
 from alip.model import CheckpointError
 from alip.train.checkpoint import load_training_state, save_checkpoint
@@ -253,6 +253,45 @@ def test_a_continued_epoch_repeats_nothing_and_leaves_out_n_mod_global_batch(
     assert len(nxt) == len(set(nxt)) == 24
 
 
+@pytest.mark.parametrize("done", [1, 4])
+def test_a_continued_padded_epoch_repeats_only_its_padding(shards27, done):
+    """last_batch=pad: an epoch of 27 records at global batch 6 is 5 steps, every record once and 3
+    copies of padding; continued on 3 ranks after `done` steps on 2, the same."""
+
+    def padded(rank, world, batch):
+        cfg = LoaderConfig(batch_size=batch, image_size=32, num_workers=0, last_batch="pad")
+        return TorchLoader(shards27, cfg, train=True, rank=rank, world_size=world)
+
+    old = [padded(r, 2, 3) for r in range(2)]
+    read = []
+    for loader in old:
+        it = iter(loader)
+        read += [k for _ in range(done) for k in keys(next(it))]
+    states = [loader.state_dict() for loader in old]
+    new = [padded(r, 3, 2) for r in range(3)]
+    for loader in new:
+        loader.continue_epoch(states)
+    rest = [list(loader) for loader in new]
+    assert all(len(r) == 5 - done for r in rest)
+    read += [k for batches in rest for b in batches for k in keys(b)]
+    assert len(read) == 30 and sorted(set(read)) == list(range(27))
+
+
+def test_steps_per_epoch_depend_on_the_global_batch_only():
+    """Why a resharded run keeps its total steps: N // G ("drop") and ceil(ceil(N / W) / B) = ceil(N / G) ("pad")."""
+    for n in range(12, 80):
+        for w, b in [(1, 12), (2, 6), (3, 4), (4, 3), (6, 2), (12, 1)]:
+            for mode in ("drop", "pad"):
+                assert steps_per_epoch(n, b, w, mode) == steps_per_epoch(n, 12, 1, mode), (n, w, mode)
+
+
+def test_reshard_needs_resume(capsys):
+    from alip.train.__main__ import main
+
+    assert main([str(TINY), "--reshard"]) == 2
+    assert "--reshard" in capsys.readouterr().err
+
+
 def test_a_continued_epoch_resumes_exactly_on_its_own_world_size(shards27):
     meta = shards27
     old = [_loader(meta, 3, r, 2) for r in range(2)]
@@ -295,3 +334,44 @@ def test_changed_shards_are_refused_without_reshard_and_continue_with_it(shards,
     cfg = load_config(TINY, [f"data.train={shards.meta}", f"output_dir={tmp_path / 'c'}", *base])
     with pytest.raises(CheckpointError, match="shards differ.*--reshard"):
         train(cfg, str(tmp_path / "edited" / "step-00000003.pt"))
+
+
+# ----- DALI: the epoch starts again, on the parts the new ranks would read -----------------------------------
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_dali_restarts_the_epoch_on_another_world_size(shards, epoch):
+    """DALI's reader position means nothing on other parts: the interrupted epoch starts again from its
+    beginning on the new ranks, rank r reading part (r + epoch) % W as an uninterrupted run would, and a
+    later resume on the new world size is exact again."""
+    pytest.importorskip("nvidia.dali")
+    from alip.data.dali import DaliLoader
+
+    def dali(rank, world, batch):
+        cfg = LoaderConfig(batch_size=batch, image_size=32, num_threads=1, shuffle_buffer=8)
+        return DaliLoader(shards.meta, cfg, train=True, rank=rank, world_size=world, device="cpu")
+
+    old = [dali(r, 2, 3) for r in range(2)]
+    for loader in old:
+        for _ in range(epoch):
+            list(loader)
+        it = iter(loader)
+        next(it), next(it)
+    states = [loader.state_dict() for loader in old]
+    new = [dali(r, 3, 2) for r in range(3)]
+    said = [loader.continue_epoch(states) for loader in new]
+    assert all((loader.epoch, loader.step) == (epoch, 0) for loader in new)
+    assert "12 samples of its first 2 steps are read a second time" in said[0]
+    for _ in range(2):  # this epoch and the next: every rank on its own part of the file order, 8 records each
+        at = new[0].epoch
+        for rank, loader in enumerate(new):
+            got = sorted(k for b in loader for k in keys(b))
+            part = (rank + at) % 3
+            assert got == list(range(8 * part, 8 * part + 8)), (rank, at)
+    it = iter(new[1])
+    next(it)
+    saved = new[1].state_dict()
+    expected = [keys(b) for b in it]
+    again = dali(1, 3, 2)
+    again.load_state_dict(saved)
+    assert [keys(b) for b in again] == expected

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import alip
 from alip.config import Config, ConfigError, RunShape, to_dict
-from alip.data.loader_config import LoaderConfig, steps_per_epoch
+from alip.data.loader_config import LoaderConfig
 from alip.distributed import get_rank, get_world_size
 from alip.flops import device_peak_tflops, step_flops, supports_count
 from alip.model import CheckpointError
@@ -212,6 +212,9 @@ class Trainer:
         `state` is one that alip.train.resume.check_resume accepted for this config and world size.
         Hyperparameters come from this trainer's config (see resume_optimizer), the rest from `state`.
         With `reshard`, `state` may come from another world size or other shards (see `_reshard_data`).
+        The run's total needs no change on another world size: an epoch is N // global batch steps
+        ("drop") or ceil(N / global batch) ("pad", as ceil(ceil(N / W) / B) equals it), and the global
+        batch is the checkpoint's. On other shards, `train.epochs` counts epochs of the new data.
         """
         loaders = [r["loader"] for r in state["ranks"]]
         exact = state["world_size"] == self.world_size and self.loader.same_data(loaders[self.rank])
@@ -220,8 +223,6 @@ class Trainer:
                 "the checkpoint's data position does not fit data.train: its shards differ from the checkpoint's "
                 "(file names or record counts); --reshard continues the model and schedule and restarts the data order"
             )
-        if not exact:
-            self._reshard_total_steps(loaders[0], state["world_size"])
         step = state["train_state"]["step"]
         if step > self.total_steps:
             raise CheckpointError(
@@ -247,25 +248,6 @@ class Trainer:
             # randomness is the loaders'), so rank 0's generators are every rank's.
             set_rng_state(state["ranks"][0]["rng"])
         self._last_saved_step = self.state.step
-
-    def _reshard_total_steps(self, loader_state: dict[str, Any], old_world_size: int) -> None:
-        """A resharded run ends where the checkpoint's would have: on the same shards, `train.epochs` counts
-        epochs of the checkpoint's length (N // global batch with last_batch=drop, the same on any world
-        size; "pad" can differ by a step per epoch). On changed shards, epochs of the new data."""
-        if not self.loader.same_data(loader_state):
-            return
-        per_epoch = steps_per_epoch(
-            loader_state["num_records"],
-            loader_state["batch_size"],
-            old_world_size,
-            loader_state.get("last_batch", "pad"),
-        )
-        total = total_steps(self.cfg, per_epoch)
-        if total != self.total_steps:
-            # Both anew: a schedule built over an optimizer that already has one reads its lr as the peak.
-            self.total_steps = total
-            self.optimizer = build_optimizer(self.clip, self.cfg.optim)
-            self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, total)
 
     def _reshard_data(self, loaders: list[dict[str, Any]], old_world_size: int) -> None:
         """Place the loader after a checkpoint of another world size, or of other shards (--reshard)."""
