@@ -185,7 +185,7 @@ def schema_report(path: Path) -> str:
         flag = "--tokens-npy" if path.suffix == ".npy" else _FLAG_OF_KIND.get(c.kind, "")
         if c.label_layout:
             flag = f"--tokens-col ({c.width // 77} texts of 77 ids: raw text, caption, ...; --token-slots picks)"
-        if not flag and _KEY_NAME.match(c.name):
+        if _KEY_NAME.match(c.name) and c.kind not in (*sources.IMAGE_KINDS, sources.IMAGE_PATH):
             flag = "--key-col"
         lines.append(f"  {c.name:<24} {c.type[:36]:<36} {c.kind:<16} {flag}")
         if c.example:

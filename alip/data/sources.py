@@ -496,7 +496,9 @@ def check_token_ids(ids) -> np.ndarray:
     end = int(ends[0])
     tail = a[end + 1 :]
     if ((tail != 0) & (tail != END_OF_TEXT)).any():
-        raise BadTokens(f"ids other than padding after the end token at position {end}")
+        raise BadTokens(
+            f"ids other than padding after the end token at position {end} (several texts end to end? see --tokens-col)"
+        )
     text = a[: end + 1]
     if text.size > CONTEXT_LENGTH:  # keep the end token, as open_clip does for long strings
         text = np.concatenate([text[: CONTEXT_LENGTH - 1], [END_OF_TEXT]])
