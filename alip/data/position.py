@@ -24,7 +24,9 @@ Intervals = list[list[int]]  # [[start, end), ...], sorted, disjoint, not touchi
 
 def to_intervals(positions: np.ndarray) -> Intervals:
     """The sorted runs of consecutive values in `positions` (any order, no repeats needed)."""
-    values = np.unique(np.asarray(positions, dtype=np.int64))
+    values = np.asarray(positions, dtype=np.int64)
+    if np.any(np.diff(values) <= 0):  # a part's positions come sorted: sort only where they are not
+        values = np.unique(values)
     if len(values) == 0:
         return []
     breaks = np.flatnonzero(np.diff(values) != 1) + 1

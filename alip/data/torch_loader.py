@@ -267,8 +267,11 @@ class EpochSampler(Sampler):
 
     def _part(self) -> np.ndarray:
         """Positions (in the epoch order) of this rank's part of the current epoch."""
+        part = (self.rank + self.epoch) % self.world_size
+        if not self.excluded:  # without building all N positions: a checkpoint of YFCC15M asks for this too
+            return np.arange(*rank_part(self.num_records, self.world_size, part))
         positions = self.positions()
-        begin, end = rank_part(len(positions), self.world_size, (self.rank + self.epoch) % self.world_size)
+        begin, end = rank_part(len(positions), self.world_size, part)
         return positions[begin:end]
 
     def epoch_items(self) -> tuple[np.ndarray, np.ndarray]:
@@ -296,7 +299,7 @@ class EpochSampler(Sampler):
     def seen(self, step: int) -> position.Intervals:
         """Positions of the epoch order this rank has read after `step` batches of the current partition
         (a part's padding repeats a record already counted; "drop" leaves the part's tail unread)."""
-        part = self._part()
+        part = self._part()  # sorted positions
         return position.to_intervals(part[: min(step * self.batch_size, len(part))])
 
     def __len__(self) -> int:
