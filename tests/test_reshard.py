@@ -253,6 +253,22 @@ def test_a_continued_epoch_repeats_nothing_and_leaves_out_n_mod_global_batch(
     assert len(nxt) == len(set(nxt)) == 24
 
 
+def test_an_epoch_resharded_twice_still_reads_each_record_once(shards27):
+    """2 ranks x 3 for a step, then 3 ranks x 2 for a step, then 1 rank x 6 to the end of the epoch."""
+    loaders, read = [_loader(shards27, 3, r, 2) for r in range(2)], []
+    for world, batch in [(3, 2), (1, 6)]:
+        for loader in loaders:
+            read += keys(next(iter(loader)))
+        states = [loader.state_dict() for loader in loaders]
+        loaders = [_loader(shards27, batch, r, world) for r in range(world)]
+        for loader in loaders:
+            loader.continue_epoch(states)
+    rest = list(loaders[0])
+    assert len(rest) == 2  # (27 - 12) // 6: the epoch still has its 4 steps in all
+    read += [k for b in rest for k in keys(b)]
+    assert len(read) == len(set(read)) == 24
+
+
 @pytest.mark.parametrize("done", [1, 4])
 def test_a_continued_padded_epoch_repeats_only_its_padding(shards27, done):
     """last_batch=pad: an epoch of 27 records at global batch 6 is 5 steps, every record once and 3
