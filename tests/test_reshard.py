@@ -269,6 +269,22 @@ def test_an_epoch_resharded_twice_still_reads_each_record_once(shards27):
     assert len(read) == len(set(read)) == 24
 
 
+def test_loader_states_from_before_the_global_positions_continue_the_same_way(shards27):
+    """A checkpoint written before `seen`/`excluded`/`shards_digest` existed: its ranks' progress is
+    recomputed from epoch, step and the old world size, and the continuation is the same."""
+    old = [_loader(shards27, 3, r, 2) for r in range(2)]
+    for loader in old:
+        next(iter(loader))
+    states = [loader.state_dict() for loader in old]
+    legacy = [{k: v for k, v in s.items() if k not in ("seen", "excluded", "shards_digest")} for s in states]
+    got = []
+    for given in (states, legacy):
+        loader = _loader(shards27, 2, 2, 3)
+        loader.continue_epoch(given)
+        got.append([keys(b) for b in loader])
+    assert got[0] == got[1] and len(got[0]) == 3
+
+
 @pytest.mark.parametrize("done", [1, 4])
 def test_a_continued_padded_epoch_repeats_only_its_padding(shards27, done):
     """last_batch=pad: an epoch of 27 records at global batch 6 is 5 steps, every record once and 3
