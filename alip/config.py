@@ -53,6 +53,10 @@ class DataConfig:
     shuffle_buffer: int = 4096
     num_threads: int = 4  # DALI threads per rank
     num_workers: int = 4  # torch loader worker processes per rank
+    # At start, walk every record's frame header (`tools/inspect_rec.py --check`) instead of the
+    # default quick check (sizes and counts against the meta JSON, the .idx, three records per
+    # shard): one small read per record, minutes per rank for YFCC15M on a shared filesystem.
+    full_check: bool = False
     # At start, also verify checksums and decode every image and label of the shards (the deep
     # check of `tools/inspect_rec.py --check --deep`): reads every byte of every shard, so opt-in.
     deep_check: bool = False

@@ -132,6 +132,26 @@ def read_sidecar(path: Path) -> tuple[dict | None, list[CaptionEntry]]:
     return meta, [CaptionEntry.from_json(row, str(path)) for row in table.to_pylist()]
 
 
+def count_entries(path: Path) -> int:
+    """Entries in a sidecar file, each parsed but none kept (a second copy of 15M entries would
+    double the merge's memory): parquet's row count, or JSONL's entry lines."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(path).num_rows
+    count = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SidecarError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            count += set(row) != {"meta"}
+    return count
+
+
 def write_sidecar(path: Path, meta: dict, entries: Iterable[CaptionEntry]) -> None:
     """Write the final sidecar atomically (temporary file, fsync, rename): JSONL, or parquet by suffix."""
     tmp = path.with_name(path.name + ".tmp")
@@ -250,9 +270,9 @@ def merge(sidecar: Path, expected: Sequence[tuple[str, str | None]], meta: dict)
         "failures": dict(sorted(failures.items())),
     }
     write_sidecar(sidecar, meta, entries)
-    _, written = read_sidecar(sidecar)  # the count check on what actually landed on disk
-    if len(written) != len(keys):
-        raise SidecarError(f"{sidecar}: wrote {len(written)} entries, expected {len(keys)}")
+    written = count_entries(sidecar)  # the count check on what actually landed on disk
+    if written != len(keys):
+        raise SidecarError(f"{sidecar}: wrote {written} entries, expected {len(keys)}")
     for part in part_paths(sidecar):
         part.unlink()
     return MergeReport(sidecar, len(entries), len(entries) - num_failed, num_failed, meta["failures"])

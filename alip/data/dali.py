@@ -58,7 +58,7 @@ from alip.data.loader_config import (
     place_loader,
     steps_per_epoch,
 )
-from alip.data.recordio import RecordIOError, ShardCheck, read_idx
+from alip.data.recordio import RecordIOError, ShardCheck, read_idx, read_idx_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ def combined_index(shards: list[ShardCheck], out_path: Path) -> Path:
     base, count = 0, 0
     with open(out_path, "w", encoding="ascii") as f:
         for shard in shards:
-            for _, offset in read_idx(shard.idx_path):
-                f.write(f"{count}\t{base + offset}\n")
-                count += 1
+            offsets = (read_idx_arrays(shard.idx_path)[1] + base).tolist()  # NumPy-parsed, one write per shard
+            f.write("".join(f"{count + i}\t{offset}\n" for i, offset in enumerate(offsets)))
+            count += len(offsets)
             base += shard.num_bytes
     return out_path
 

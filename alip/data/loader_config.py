@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from alip.data import schema
-from alip.data.recordio import RecordIOError, ShardCheck, check_shard
+from alip.data.recordio import RecordIOError, ShardCheck, check_shard, quick_check_shard
 from alip.distributed import read_env
 
 logger = logging.getLogger(__name__)
@@ -76,9 +76,18 @@ class LoaderConfig:
     num_threads: DALI CPU worker threads per pipeline.
     num_workers: PyTorch DataLoader worker processes (0 = decode in the main process).
     prefetch: batches prepared ahead (DALI `prefetch_queue_depth`, DataLoader `prefetch_factor`).
-    preflight: check every shard's framing and record count before reading (alip.data.recordio.check_shard).
-        Reads only the 8-byte record headers; switch off only for datasets already checked with
-        `tools/inspect_rec.py --check`.
+    preflight: check every shard before reading it, cheaply (alip.data.recordio.quick_check_shard): the
+        .rec's size and the .idx's record count against the meta JSON, the .idx parsed (offsets
+        ordered, aligned, spaced, inside the file), the framing and label length of the first,
+        middle and last record, the last record ending at the end of the file. One .idx read and
+        three frame headers per shard: about a second for 15M records (benchmarks/scale.py).
+        Switch off only for datasets already checked with `tools/inspect_rec.py --check`.
+    full_check: check every record's framing instead (alip.data.recordio.check_shard, what
+        `tools/inspect_rec.py --check` runs): reads one 8-byte frame header per record, i.e.
+        millions of small reads per rank for YFCC15M on a shared filesystem; it also sees a damaged
+        frame header in the middle of a shard and a record split inside its IRHeader, which the
+        default check sees only in its three sampled records. Run it once after copying the data
+        (inspect_rec.py) rather than at every start.
     last_batch: "drop" (default) or "pad" (DALI's `pad_last_batch`): what happens to the records
         of an epoch that do not make a full batch on every rank; see the module docstring. Why
         "drop" rather than filling the last batch with other real records: DALI's reader shuffles
@@ -108,6 +117,7 @@ class LoaderConfig:
     num_workers: int = 4
     prefetch: int = 2
     preflight: bool = True
+    full_check: bool = False
     deep_check: bool = False
     crop_attempts: int = 100
     last_batch: str = "drop"
@@ -191,22 +201,29 @@ def _deep_checked(info: schema.ShardInfo) -> ShardCheck:
     return found.shard
 
 
-def prepare_shards(spec: str | Path | list[str | Path], preflight: bool = True, deep: bool = False) -> list[ShardCheck]:
+def prepare_shards(
+    spec: str | Path | list[str | Path], preflight: bool = True, deep: bool = False, full: bool = False
+) -> list[ShardCheck]:
     """Resolve `spec` (see schema.resolve_shards) and check every shard before a loader trusts it.
 
-    With `preflight`, each shard goes through `check_shard` (framing, .idx/.rec agreement, the
-    record count from the meta JSON, the 154-float label), so a bad shard fails here with the file
-    and record named instead of inside a DALI worker thread. `deep` runs `schema.deep_check_shard` instead
-    (the preflight plus checksums, every label, every image decoded: it reads everything). Shards
-    without records are dropped (DALI's RecordIO index cannot represent an empty file between two
-    others). Raises FileNotFoundError / ValueError / RecordIOError.
+    With `preflight`, each shard goes through `quick_check_shard` (sizes and record counts against
+    the meta JSON, the .idx against the .rec's size, three records' framing and 154-float label),
+    so a bad shard fails here with the file named instead of inside a DALI worker thread. `full`
+    runs `check_shard` instead (every record's framing), `deep` runs `schema.deep_check_shard`
+    (the full check plus checksums, every label, every image decoded: it reads everything).
+    Shards without records are dropped (DALI's RecordIO index cannot represent an empty file
+    between two others). Raises FileNotFoundError / ValueError / RecordIOError.
     """
     shards = []
     for info in schema.resolve_shards(spec):
         if deep:
             checked = _deep_checked(info)
-        elif preflight:
+        elif full:
             checked = check_shard(info.rec, info.idx, label_length=schema.LABEL_LENGTH, expected_records=info.records)
+        elif preflight:
+            checked = quick_check_shard(
+                info.rec, info.idx, schema.LABEL_LENGTH, expected_records=info.records, expected_bytes=info.bytes
+            )
         else:
             # Only the record count, from the .idx: the cheapest thing a loader cannot do without.
             with open(info.idx, encoding="ascii") as f:
@@ -295,7 +312,7 @@ def place_loader(
     world_size = get_world_size() if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    shards = prepare_shards(spec, preflight=config.preflight, deep=config.deep_check)
+    shards = prepare_shards(spec, preflight=config.preflight, deep=config.deep_check, full=config.full_check)
     return rank, world_size, resolve_device(device), shards
 
 

@@ -110,6 +110,26 @@ def read_idx(idx_path: str | Path) -> list[tuple[int, int]]:
     return entries
 
 
+def read_idx_arrays(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, offsets) of an .idx as int64 arrays [N], in file order: `read_idx` parsed by NumPy.
+
+    About 50x faster than `read_idx` (a 15M-record dataset's .idx files are ~250 MB of text that
+    every loader start reads). Anything unusual (a blank line, a third column, a bad number) falls
+    back to `read_idx`, which skips or names the line.
+    """
+    data = Path(idx_path).read_bytes()
+    lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    try:
+        values = np.fromstring(data.decode("ascii"), dtype=np.int64, sep=" ") if lines else np.empty(0, np.int64)
+    except (ValueError, UnicodeDecodeError):
+        values = None
+    if values is None or values.size != 2 * lines:
+        pairs = np.asarray(read_idx(idx_path), dtype=np.int64).reshape(-1, 2)
+    else:
+        pairs = values.reshape(-1, 2)
+    return np.ascontiguousarray(pairs[:, 0]), np.ascontiguousarray(pairs[:, 1])
+
+
 class RecordIOWriter:
     """Append records to a .rec file and its .idx (`mxnet.recordio.MXIndexedRecordIO` in write mode).
 
@@ -155,14 +175,17 @@ class RecordIOWriter:
 class RecordIOReader:
     """Random and sequential access to a .rec file through its .idx (or a scan when there is none)."""
 
-    def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None) -> None:
+    def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None, read_index: bool = True) -> None:
+        """read_index=False: no index at all (no .idx read, no scan); for `parts` and `read_at` only."""
         self.rec_path = Path(rec_path)
         if idx_path is None and self.rec_path.with_suffix(".idx").exists():
             idx_path = self.rec_path.with_suffix(".idx")
         self.idx_path = Path(idx_path) if idx_path is not None else None
         self._f: BinaryIO = open(self.rec_path, "rb")
         self.size = os.fstat(self._f.fileno()).st_size
-        if self.idx_path is not None:
+        if not read_index:
+            self.index = []
+        elif self.idx_path is not None:
             self.index = read_idx(self.idx_path)
         else:
             self.index = list(enumerate(self._scan()))
@@ -286,27 +309,129 @@ def check_shard(
                     f"{expected_next}: .idx does not match the .rec"
                 )
             parts, expected_next = reader.parts(offset, what)
-            if label_length is not None and len(parts) > 1 and parts[0][1] < IR_SIZE:
-                # DALI 2.4's reader rejects a multi-part record whose first part cannot hold the
-                # IRHeader (it re-joins later splits, inside the payload, correctly).
-                raise RecordIOError(
-                    f"{rec_path}: {what} at byte {offset} is split inside its IRHeader (the magic number "
-                    "occurs in its id fields); DALI cannot read it: rewrite the record with another id"
-                )
-            if label_length is not None:
-                data_offset, length = parts[0]
-                reader._f.seek(data_offset)
-                flag = struct.unpack("<I", reader._f.read(4))[0] if length >= 4 else None
-                if flag != label_length:
-                    raise RecordIOError(
-                        f"{rec_path}: {what} at byte {offset}: label has {flag} floats, expected {label_length}"
-                    )
+            _check_label(reader, parts, offset, what, label_length)
         if expected_next != reader.size:
             raise RecordIOError(
                 f"{rec_path}: records end at byte {expected_next} but the file has {reader.size} bytes: "
                 "records missing from the .idx, or trailing garbage"
             )
         return ShardCheck(rec_path, idx_path, len(reader), reader.size)
+
+
+def quick_check_shard(
+    rec_path: str | Path,
+    idx_path: str | Path | None = None,
+    label_length: int | None = None,
+    expected_records: int | None = None,
+    expected_bytes: int | None = None,
+) -> ShardCheck:
+    """The loaders' default start-up check: what sizes, counts and the .idx say, plus three records.
+
+    Checks that both files exist, the .rec's size equals `expected_bytes` (the meta JSON's) and the
+    .idx's count `expected_records`, the .idx parses, its offsets are distinct, 4-byte aligned,
+    start at 0, leave room for a frame header (and `label_length` floats) between neighbours and
+    lie inside the .rec; then walks the framing of the first, middle and last record (magic, part
+    flags, lengths inside the file, the label length, no split inside the IRHeader) and checks
+    that the last record ends exactly at the end of the file. Cost: one .idx read and three frame
+    headers, whatever the shard's size (`check_shard` reads one header per record).
+
+    What it cannot see: a damaged frame header of a record other than those three, or .idx offsets
+    that are wrong but still ordered and spaced plausibly. `check_shard` (the loaders' opt-in
+    `full_check`, `tools/inspect_rec.py --check`) walks every record. Raises RecordIOError naming
+    the file (and the record).
+    """
+    rec_path = Path(rec_path)
+    idx_path = Path(idx_path) if idx_path is not None else rec_path.with_suffix(".idx")
+    for p in (rec_path, idx_path):
+        if not p.is_file():
+            raise RecordIOError(f"shard file missing: {p}")
+    size = rec_path.stat().st_size
+    if expected_bytes is not None and size != expected_bytes:
+        raise RecordIOError(
+            f"{rec_path}: {size} bytes, but the meta JSON says {expected_bytes}: truncated, or changed since "
+            "it was written"
+        )
+    keys, offsets = read_idx_arrays(idx_path)
+    n = len(offsets)
+    if expected_records is not None and n != expected_records:
+        raise RecordIOError(
+            f"{idx_path}: {n} records, but the meta JSON says {expected_records}: mismatched or partially written shard"
+        )
+    if n == 0:
+        if size:
+            raise RecordIOError(
+                f"{idx_path}: no records, but {rec_path} has {size} bytes: .idx does not match the .rec"
+            )
+        return ShardCheck(rec_path, idx_path, 0, 0)
+    order = np.argsort(offsets, kind="stable")
+    starts = offsets[order]  # [N] record offsets in file order
+    # The smallest record: frame header, plus IRHeader and label when the layout is known.
+    smallest = 8 + (IR_SIZE + 4 * label_length if label_length else 0)
+    gaps = np.diff(np.append(starts, size))  # [N] bytes from each record to the next one (or the end)
+    with RecordIOReader(rec_path, idx_path, read_index=False) as reader:
+
+        def walk(i: int) -> None:
+            key, offset = int(keys[order[i]]), int(starts[i])
+            what = f"record key {key}"
+            parts, end = reader.parts(offset, what)  # raises on a cut record, naming it
+            _check_label(reader, parts, offset, what, label_length)
+            following = int(starts[i + 1]) if i + 1 < n else size
+            if end != following:
+                raise RecordIOError(
+                    f"{rec_path}: {what} at byte {offset} ends at byte {end}, but "
+                    + (
+                        f"the next record starts at byte {following}: .idx does not match the .rec"
+                        if i + 1 < n
+                        else f"the file has {size} bytes: records missing from the .idx, or trailing garbage"
+                    )
+                )
+
+        if starts[-1] + smallest > size:
+            # The .idx reaches past the end of the .rec: name the record that was cut (a truncated
+            # shard), else the first one that starts beyond the end.
+            inside = int(np.searchsorted(starts, size))
+            walk(max(inside - 1, 0))
+            i = min(inside, n - 1)
+            raise RecordIOError(
+                f"{rec_path}: record key {int(keys[order[i]])} at byte {int(starts[i])}: beyond the end of the "
+                f"file (size {size}): truncated shard, or the .idx of another shard"
+            )
+        bad = np.flatnonzero((starts % 4 != 0) | (gaps < smallest))
+        if starts[0] != 0 or bad.size:
+            i = 0 if starts[0] != 0 else int(bad[0])
+            key, offset = int(keys[order[i]]), int(starts[i])
+            if i == 0 and offset != 0:
+                why = "is the first record but does not start the file"
+            elif offset % 4:
+                why = "is not on a 4-byte record boundary"
+            else:
+                why = f"leaves {int(gaps[i])} bytes before the next record, too few for one"
+            raise RecordIOError(f"{rec_path}: record key {key} at byte {offset} {why}: .idx does not match the .rec")
+        for i in sorted({0, n // 2, n - 1}):
+            walk(i)
+    return ShardCheck(rec_path, idx_path, n, size)
+
+
+def _check_label(
+    reader: RecordIOReader, parts: list[tuple[int, int]], offset: int, what: str, label_length: int | None
+) -> None:
+    """The IRHeader checks for one record: no split inside the IRHeader, `label_length` floats."""
+    if label_length is None:
+        return
+    if len(parts) > 1 and parts[0][1] < IR_SIZE:
+        # DALI 2.4's reader rejects a multi-part record whose first part cannot hold the IRHeader
+        # (it re-joins later splits, inside the payload, correctly).
+        raise RecordIOError(
+            f"{reader.rec_path}: {what} at byte {offset} is split inside its IRHeader (the magic number "
+            "occurs in its id fields); DALI cannot read it: rewrite the record with another id"
+        )
+    data_offset, length = parts[0]
+    reader._f.seek(data_offset)
+    flag = struct.unpack("<I", reader._f.read(4))[0] if length >= 4 else None
+    if flag != label_length:
+        raise RecordIOError(
+            f"{reader.rec_path}: {what} at byte {offset}: label has {flag} floats, expected {label_length}"
+        )
 
 
 def write_records(rec_path: str | Path, idx_path: str | Path, records: Sequence[tuple[int, bytes]]) -> None:

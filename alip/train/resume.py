@@ -43,7 +43,8 @@ APPLIED = (
     "model.text_buckets",
     "data.num_threads",  # the torch loader seeds augmentation per sample, not per worker
     "data.num_workers",
-    "data.deep_check",  # what is checked at start, not what is read
+    "data.full_check",  # what is checked at start, not what is read
+    "data.deep_check",
     "checkpoint.",  # cadence and outputs
     "log.",
     "eval.",

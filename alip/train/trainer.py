@@ -75,6 +75,7 @@ def build_loader(cfg: Config, shape: RunShape, device: torch.device) -> Any:
         seed=cfg.train.seed,
         num_threads=d.num_threads,
         num_workers=d.num_workers,
+        full_check=d.full_check,
         deep_check=d.deep_check,
     )
     if d.loader == "dali":

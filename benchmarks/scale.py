@@ -1,0 +1,392 @@
+#!/usr/bin/env python
+"""How the per-dataset stages grow with the dataset: time and peak RSS at 10k, 100k and 1M records,
+a log-log fit, and the extrapolation to 15M (YFCC15M) and 100M.
+
+Stages (each stage and size runs in its own process; peak RSS is that process's VmHWM, of which
+"base" is what it held before the stage began: the interpreter and its imports):
+  - index:   data2rec's index_inputs on a TSV manifest (key, image path, text, caption columns);
+  - join:    index_inputs with the captions from a JSONL caption sidecar joined by key;
+  - plan:    index, then stat every image, shuffle and cut into shards, the plan fingerprint and
+             the per-shard stamps a rerun compares (alip.data.convert: everything before writing);
+  - start:   the loaders' default start-up check (alip.data.loader_config.prepare_shards) on
+             shards of tiny records, page cache warm ("nothing changed");
+  - start_cold: the same after evicting the shards from the page cache (posix_fadvise DONTNEED);
+  - full_check: the opt-in full check (every record's frame header), page cache warm;
+  - dali_index: the DALI loader's combined index over all shards (alip.data.dali.combined_index);
+  - torch_index: the torch loader's record table (alip.data.torch_loader.RecordDataset);
+  - score:   `alip score`'s ranking: read the texts sidecars, gate weights, rank, write the CSV
+             (the model's forward pass is not included: it is per record and runs on the GPU);
+  - merge:   the caption tool's merge of 8 part files into the final sidecar (alip.caption.sidecar).
+
+Inputs are synthetic: one tiny JPEG reused for every record, texts of YFCC-like length, image paths
+that do not exist (stat fails fast, as it would not on a real filesystem).
+
+    .venv/bin/python benchmarks/scale.py                       # 10k, 100k, 1M; table on stdout
+    .venv/bin/python benchmarks/scale.py --sizes 10000 100000 --stages start score --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("index", "join", "plan", "start", "start_cold", "full_check", "dali_index", "torch_index", "score", "merge")
+SHARDS = 100  # shards per dataset, whatever its size (YFCC15M at 10k records per shard has 1500)
+TARGETS = (15_000_000, 100_000_000)
+
+
+def _text(i: int, words: int) -> str:
+    return " ".join(f"w{(i * 7 + j * 13) % 9973}" for j in range(words))
+
+
+# ---------------------------------------------------------------- inputs (made once per size)
+
+
+def make_inputs(n: int, folder: Path) -> None:
+    """Manifest + caption sidecar + shards (with texts sidecars and meta JSON) + caption parts."""
+    if (folder / "ready").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    from alip.data import schema
+    from alip.data.recordio import RecordIOWriter
+
+    with open(folder / "manifest.tsv", "w", encoding="utf-8") as m, open(folder / "nocap.tsv", "w") as nc:
+        m.write("key\timage\ttext\tcaption\n")
+        nc.write("key\timage\ttext\n")
+        for i in range(n):
+            path, raw, cap = f"images/{i // 10000:05d}/{i:09d}.jpg", _text(i, 12), _text(i + 1, 10)
+            m.write(f"k{i}\t{path}\t{raw}\t{cap}\n")
+            nc.write(f"k{i}\t{path}\t{raw}\n")
+    with open(folder / "captions.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"meta": {"captioner": {"model": "synthetic"}}}) + "\n")
+        for i in range(n):
+            f.write(json.dumps({"key": f"k{i}", "caption": _text(i + 1, 10)}) + "\n")
+    parts = 8
+    handles = [open(folder / f"captions.out.jsonl.part{r:05d}.jsonl", "w", encoding="utf-8") for r in range(parts)]
+    for h in handles:
+        h.write(json.dumps({"meta": {"captioner": {"model": "synthetic"}}}) + "\n")
+    for i in range(n):
+        handles[i % parts].write(json.dumps({"key": f"k{i}", "path": f"{i:09d}.jpg", "caption": _text(i, 10)}) + "\n")
+    for h in handles:
+        h.close()
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 80, 40)).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    raw = np.zeros(77, np.int64)
+    raw[:4] = [49406, 320, 1125, 49407]
+    shards = []
+    per = math.ceil(n / SHARDS)
+    for k, first in enumerate(range(0, n, per)):
+        stem = schema.shard_stem("train", k)
+        with (
+            RecordIOWriter(folder / f"{stem}.rec", folder / f"{stem}.idx") as w,
+            open(folder / f"{stem}.texts.jsonl", "w", encoding="utf-8") as t,
+        ):
+            for key in range(first, min(first + per, n)):
+                w.write(key, schema.make_record(key, jpeg, raw, raw))
+                entry = {"key": key, "sample_key": f"k{key}", "raw_text": _text(key, 12), "caption": _text(key, 10)}
+                t.write(json.dumps(entry) + "\n")
+            count, nbytes = w.count, w.bytes_written
+        shards.append(schema.ShardInfo(f"{stem}.rec", f"{stem}.idx", count, nbytes, None, f"{stem}.texts.jsonl"))
+    schema.write_meta(folder / "train.meta.json", schema.DatasetMeta(shards=shards, tokenizer={"model": "synthetic"}))
+    (folder / "ready").write_text("ok")
+
+
+# ---------------------------------------------------------------- stages (run in a child process)
+
+
+def _opts(folder: Path, **kw):
+    from alip.data.convert import ConvertOptions
+
+    return ConvertOptions(out_dir=folder / "out", progress=False, workers=1, **kw)
+
+
+def stage(name: str, n: int, folder: Path) -> None:
+    """Run one stage; the timed part is between the two marks."""
+    from alip.data.sources import Columns
+
+    mark = {}
+    if name in ("index", "join", "plan"):
+        from alip.data import convert
+
+        if name == "join":
+            opts = _opts(folder, columns=Columns(key="key"), captions=folder / "captions.jsonl")
+            inputs = [folder / "nocap.tsv"]
+        else:
+            opts = _opts(folder, columns=Columns(key="key", caption="caption"))
+            inputs = [folder / "manifest.tsv"]
+        mark["base"] = _rss()
+        t0 = time.perf_counter()
+        samples, skips = convert.index_inputs(inputs, opts)
+        if name == "plan":
+            mark["index_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            convert.stat_images(samples)
+            tasks = convert.plan_shards(samples, opts)
+            convert.plan_fingerprint(tasks, opts)
+            for task in tasks:
+                convert.shard_stamp(task)
+        mark["seconds"] = time.perf_counter() - t0
+        assert len(samples) == n, (len(samples), len(skips))
+    elif name in ("start", "start_cold", "full_check"):
+        from alip.data.loader_config import prepare_shards
+
+        meta = folder / "train.meta.json"
+        if name == "start_cold":
+            _evict(folder)
+        mark["base"] = _rss()
+        t0 = time.perf_counter()
+        checks = prepare_shards(meta, full=name == "full_check")
+        mark["seconds"] = time.perf_counter() - t0
+        assert sum(c.num_records for c in checks) == n
+    elif name in ("dali_index", "torch_index"):
+        from alip.data.loader_config import prepare_shards
+
+        if name == "dali_index":
+            from alip.data.dali import combined_index
+        else:
+            from alip.data.torch_loader import RecordDataset
+        checks = prepare_shards(folder / "train.meta.json")
+        mark["base"] = _rss()
+        t0 = time.perf_counter()
+        if name == "dali_index":
+            with tempfile.TemporaryDirectory() as tmp:
+                combined_index(checks, Path(tmp) / "combined.idx")
+                mark["seconds"] = time.perf_counter() - t0
+        else:
+            assert len(RecordDataset(checks, None, train=False)) == n
+            mark["seconds"] = time.perf_counter() - t0
+    elif name == "score":
+        _score(n, folder, mark)
+    elif name == "merge":
+        import shutil
+
+        from alip.caption.sidecar import merge
+
+        work = folder / "merge"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        for part in folder.glob("captions.out.jsonl.part*.jsonl"):
+            shutil.copy(part, work / part.name)
+        expected = [(f"k{i}", f"{i:09d}.jpg") for i in range(n)]
+        mark["base"] = _rss()
+        t0 = time.perf_counter()
+        report = merge(work / "captions.out.jsonl", expected, {"captioner": {"model": "synthetic"}})
+        mark["seconds"] = time.perf_counter() - t0
+        assert report.num_samples == n
+        shutil.rmtree(work)
+    else:
+        raise ValueError(name)
+    mark["peak_rss"] = _peak_rss()
+    print(json.dumps(mark))
+
+
+def _score(n: int, folder: Path, mark: dict) -> None:
+    import torch
+
+    import alip
+    from alip import score
+    from alip.data import schema
+
+    infos = schema.resolve_shards(folder / "train.meta.json")
+    counts = np.array([i.records for i in infos])
+
+    class Records:  # what _ranked_rows asks of the RecordDataset: its length and each record's shard
+        def __init__(self) -> None:
+            self.ids = np.repeat(np.arange(len(counts)), counts)
+
+        def __len__(self) -> int:
+            return n
+
+        def shard_of(self, i: int) -> int:
+            return int(self.ids[i])
+
+    rng = np.random.default_rng(0)
+    keys = np.arange(n)
+    sims = rng.uniform(-0.1, 0.5, size=(n, 3)).astype(np.float32)  # [N, 3] what the model would give
+    mark["base"] = _rss()
+    t0 = time.perf_counter()
+    warnings = score._Warnings()
+    texts = score._shard_texts(infos, warnings)
+    s = torch.from_numpy(sims)
+    weights = alip.gate_weights(s[:, 0], s[:, 1], s[:, 2], 0.2, 0.2, 0.2, 2.0, "official")
+    w = torch.stack([weights.sample, weights.raw, weights.caption], dim=1).numpy()
+    rows, _ = score._ranked_rows(Records(), keys, sims, w, texts, warnings)
+    with tempfile.TemporaryDirectory() as tmp:
+        score.ScoreResult(rows, {"records": n}).write(Path(tmp) / "scores.csv")
+    mark["seconds"] = time.perf_counter() - t0
+
+
+def _evict(folder: Path) -> None:
+    """Drop the shards from the page cache (what a cold start on a fresh node sees)."""
+    for p in folder.iterdir():
+        if p.suffix in (".rec", ".idx") or p.name.endswith(".json"):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss() -> int:
+    return _status("VmRSS")
+
+
+def _peak_rss() -> int:
+    return _status("VmHWM")
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_child(name: str, n: int, folder: Path, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, str(n), str(folder)]
+    started = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"stage": name, "n": n, "error": f"over {timeout:.0f} s"}
+    if out.returncode != 0:
+        return {"stage": name, "n": n, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result.update(stage=name, n=n, wall=time.perf_counter() - started)
+    return result
+
+
+def fit(points: list[tuple[int, float]]) -> float | None:
+    """Log-log slope through the two largest sizes (the smaller ones carry fixed costs)."""
+    points = sorted(p for p in points if p[1] > 0)
+    if len(points) < 2:
+        return None
+    (n0, y0), (n1, y1) = points[-2], points[-1]
+    return math.log(y1 / y0) / math.log(n1 / n0)
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys(r["stage"] for r in results):
+        got = [r for r in results if r["stage"] == name and "error" not in r]
+        row = {"stage": name, "by_size": {r["n"]: r for r in got}}
+        row["errors"] = {r["n"]: r["error"] for r in results if r["stage"] == name and "error" in r}
+        if got:
+            top = max(got, key=lambda r: r["n"])
+            row["time_slope"] = fit([(r["n"], r["seconds"]) for r in got])
+            extra = [(r["n"], max(r["peak_rss"] - r["base"], 1)) for r in got]
+            row["rss_slope"] = fit(extra)
+            for target in TARGETS:
+                scale = target / top["n"]
+                # Every stage touches every record or every shard: a slope under 1 is the fixed costs
+                # of the small sizes, so time is extrapolated at least linearly.
+                ts, rs = max(row["time_slope"] or 1.0, 1.0), row["rss_slope"] or 1.0
+                row[f"seconds_{target}"] = top["seconds"] * scale**ts
+                row[f"peak_rss_{target}"] = top["base"] + max(top["peak_rss"] - top["base"], 0) * scale**rs
+        rows.append(row)
+    return rows
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.3g} s" if s < 120 else f"{s / 60:.3g} min" if s < 7200 else f"{s / 3600:.3g} h"
+
+
+def _fmt_b(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def table(rows: list[dict], sizes: list[int]) -> str:
+    head = [
+        "stage",
+        *[f"{n:,}: time / peak RSS" for n in sizes],
+        "slope (time, RSS)",
+        "15M (extrapolated)",
+        "100M (extrapolated)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["stage"]]
+        for n in sizes:
+            r = row["by_size"].get(n)
+            cells.append(f"{_fmt_s(r['seconds'])} / {_fmt_b(r['peak_rss'])}" if r else row["errors"].get(n, "not run"))
+        if "time_slope" in row:
+            ts, rs = row["time_slope"], row["rss_slope"]
+            cells.append(f"{ts:.2f}, {rs:.2f}" if ts is not None and rs is not None else "-")
+            for target in TARGETS:
+                cells.append(f"{_fmt_s(row[f'seconds_{target}'])} / {_fmt_b(row[f'peak_rss_{target}'])}")
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        sys.path.insert(0, str(ROOT))
+        stage(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "alip-scale")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per stage and size")
+    p.add_argument("--json", type=Path, help="write all measurements here")
+    p.add_argument("--report", type=Path, nargs="+", help="only print the table of earlier --json files")
+    args = p.parse_args()
+    results = []
+    if args.report:
+        for path in args.report:  # a later file's measurement of a stage and size replaces an earlier one
+            results += json.loads(path.read_text())["results"]
+        results = list({(r["stage"], r["n"]): r for r in results}.values())
+        print(table(summarise(results), sorted({r["n"] for r in results})))
+        return
+    for n in args.sizes:
+        folder = args.work / str(n)
+        t0 = time.perf_counter()
+        make_inputs(n, folder)
+        print(f"inputs for {n:,} records: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        for name in args.stages:
+            r = run_child(name, n, folder, args.timeout)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+            results.append(r)
+    rows = summarise(results)
+    import torch
+
+    info = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "shards": SHARDS,
+        "command": " ".join([".venv/bin/python", "benchmarks/scale.py", *sys.argv[1:]]),
+    }
+    print(json.dumps(info))
+    print(table(rows, args.sizes))
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "results": results, "rows": rows}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
