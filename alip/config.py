@@ -55,7 +55,8 @@ class DataConfig:
     num_workers: int = 4  # torch loader worker processes per rank
     # At start, walk every record's frame header (`tools/inspect_rec.py --check`) instead of the
     # default quick check (sizes and counts against the meta JSON, the .idx, three records per
-    # shard): one small read per record, minutes per rank for YFCC15M on a shared filesystem.
+    # shard): one small read per record, ~30 s per rank for YFCC15M from the page cache, far
+    # longer cold on a shared filesystem (benchmarks/scale.py).
     full_check: bool = False
     # At start, also verify checksums and decode every image and label of the shards (the deep
     # check of `tools/inspect_rec.py --check --deep`): reads every byte of every shard, so opt-in.

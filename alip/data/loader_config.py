@@ -80,11 +80,13 @@ class LoaderConfig:
         .rec's size and the .idx's record count against the meta JSON, the .idx parsed (offsets
         ordered, aligned, spaced, inside the file), the framing and label length of the first,
         middle and last record, the last record ending at the end of the file. One .idx read and
-        three frame headers per shard: about a second for 15M records (benchmarks/scale.py).
+        three frame headers per shard: 0.06 s for 1M records in 100 shards, about 1 s for YFCC15M
+        (extrapolated, benchmarks/scale.py).
         Switch off only for datasets already checked with `tools/inspect_rec.py --check`.
     full_check: check every record's framing instead (alip.data.recordio.check_shard, what
         `tools/inspect_rec.py --check` runs): reads one 8-byte frame header per record, i.e.
-        millions of small reads per rank for YFCC15M on a shared filesystem; it also sees a damaged
+        15M small reads per rank for YFCC15M (about 30 s from the page cache, extrapolated in
+        benchmarks/scale.py; far longer cold on a shared filesystem); it also sees a damaged
         frame header in the middle of a shard and a record split inside its IRHeader, which the
         default check sees only in its three sampled records. Run it once after copying the data
         (inspect_rec.py) rather than at every start.
