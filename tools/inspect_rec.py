@@ -11,14 +11,16 @@ lowercases and respaces text, so "IMG_2093.JPG" reads back as "img _ 2 0 9 3 . j
 Examples:
     python tools/inspect_rec.py data/yfcc15m/train.meta.json -n 5
     python tools/inspect_rec.py ALIP_YFCC15M.rec -n 20 --dump /tmp/peek   # {key}.jpg + {key}.txt
-    python tools/inspect_rec.py "data/yfcc15m/train-*.rec" --check        # preflight every shard
+    python tools/inspect_rec.py "data/yfcc15m/train-*.rec" --check        # full framing check of every shard
     python tools/inspect_rec.py data/yfcc15m/ --check --deep --workers 16   # read and decode everything
 
---check runs the loaders' start-up preflight on every shard (framing, .idx against .rec, record
-counts against the meta JSON, 154-float labels: it reads the 8-byte record headers only) and prints
-one line per shard. --check --deep adds what the start-up check leaves out because it reads every
-byte: each shard's sha256 and size against the meta JSON, every label (finite, integral token ids
-below 49408, a start and an end token in each non-empty text) and every image, fully decoded.
+--check runs the full framing check on every shard (every record's frame header and label length,
+.idx against .rec, record counts against the meta JSON: it reads the 8-byte record headers only)
+and prints one line per shard. The loaders run it at start only with `full_check`
+(`data.full_check=true`); by default they check sizes, counts, the .idx and three records per shard.
+--check --deep adds what the full check leaves out because it reads every byte: each shard's
+sha256 and size against the meta JSON, every label (finite, integral token ids below 49408, a
+start and an end token in each non-empty text) and every image, fully decoded.
 Run it once after copying or converting a dataset, and whenever training reports a damaged record.
 
 Exit status: 0 when every shard passes; 1 when --check finds a damaged shard (each finding is

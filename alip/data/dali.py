@@ -18,8 +18,9 @@ release) yields the padded batches as they are; "drop" yields only the batches e
 with real records and reads the rest of the epoch without yielding it (at most one batch); eval
 mode without "pad" cuts the padding off the last batches, so every record comes exactly once.
 
-Damaged records. The start-up preflight checks the framing only. Every batch's labels are checked
-on the host (`schema.decode_label`: finite, integral token ids) before they become int64 tokens; a
+Damaged records. The start-up check reads sizes, counts, the .idx and the framing of three records
+per shard (`full_check`: of every record). Every batch's labels are checked on the host
+(`schema.decode_label`: finite, integral token ids) before they become int64 tokens; a
 bad one raises RecordIOError naming the shard and the record, found from the source DALI reports
 for each sample. A record whose image DALI cannot decode fails inside the pipeline with a message
 that names no file: it is re-raised naming the shards this rank was reading, with the hint to run

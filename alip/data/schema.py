@@ -253,7 +253,7 @@ def resolve_shards(spec: str | Path | list[str | Path]) -> list[ShardInfo]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The deep check: what the loaders' start-up preflight (recordio.check_shard) leaves out
+# The deep check: what the full framing check (recordio.check_shard) leaves out
 
 
 DEEP_CHECK_HINT = "run tools/inspect_rec.py --check --deep on the shards to list every damaged record"
@@ -285,7 +285,7 @@ def _checksum_mismatch(info: ShardInfo, size: int) -> str | None:
 
 
 def deep_check_shard(info: ShardInfo, keep: int = 10) -> DeepCheck:
-    """Everything the start-up preflight leaves out, for one shard: its sha256 and size against the
+    """Everything the full framing check leaves out, for one shard: its sha256 and size against the
     meta JSON, every label (`label_faults`) and every image, fully decoded as data2rec did
     before writing it (alip.data.images.open_image). Reads the whole shard.
 
