@@ -130,10 +130,23 @@ def test_full_check_catches_a_record_split_inside_its_header(tmp_path):
         prepare_shards(rec)
 
 
-def test_full_check_is_a_start_up_option():
+def test_full_check_is_a_start_up_option(tmp_path):
     assert LoaderConfig(batch_size=2).full_check is False
     assert Config().data.full_check is False
     assert applies_on_resume("data.full_check")
+    # data.full_check=true reaches the training loader
+    import torch
+
+    from alip.config import RunShape, load_config
+    from alip.train.trainer import build_loader
+
+    rec = _shard_with_a_header_split(tmp_path / "s", position=2)
+    shape = RunShape(world_size=1, per_rank_batch=2, micro_batch=2)
+    cfg = load_config(None, [f"data.train={rec}", "data.loader=torch", "data.num_workers=0"])
+    assert len(build_loader(cfg, shape, torch.device("cpu"))) == 4
+    cfg = load_config(None, [f"data.train={rec}", "data.loader=torch", "data.num_workers=0", "data.full_check=true"])
+    with pytest.raises(RecordIOError, match="split inside its IRHeader"):
+        build_loader(cfg, shape, torch.device("cpu"))
 
 
 def test_duplicate_keys_compares_only_colliding_hashes():
