@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alip.data.sources import InputError
+from alip.files import json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -139,17 +140,7 @@ def count_entries(path: Path) -> int:
         import pyarrow.parquet as pq
 
         return pq.read_metadata(path).num_rows
-    count = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SidecarError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            count += set(row) != {"meta"}
-    return count
+    return sum(set(row) != {"meta"} for _, row in json_lines(path, SidecarError))
 
 
 def write_sidecar(path: Path, meta: dict, entries: Iterable[CaptionEntry]) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 from alip.cli import UserError
 from alip.data.images import BadImage
 from alip.data.schema import CONTEXT_LENGTH, END_OF_TEXT, START_OF_TEXT, VOCAB_SIZE
+from alip.files import json_lines
 
 MANIFEST_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -178,22 +179,15 @@ _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a num
 
 
 def _jsonl_rows(path: Path, columns: Columns) -> Iterable[dict | BadRow]:
-    with open(path, encoding="utf-8") as f:
-        first = True
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON: {e}") from None
-            if not isinstance(row, dict):
-                yield BadRow(f"line {lineno} is {_JSON_TYPES.get(type(row), 'null')}, not a JSON object")
-                continue
-            if first:  # a missing column is an error for the file, not a skip per row
-                _check_columns(path, list(row), columns)
-                first = False
-            yield row
+    first = True
+    for lineno, row in json_lines(path, InputError):
+        if not isinstance(row, dict):
+            yield BadRow(f"line {lineno} is {_JSON_TYPES.get(type(row), 'null')}, not a JSON object")
+            continue
+        if first:  # a missing column is an error for the file, not a skip per row
+            _check_columns(path, list(row), columns)
+            first = False
+        yield row
 
 
 def _check_columns(path: Path, names: list[str], columns: Columns) -> None:
@@ -299,14 +293,7 @@ def read_caption_sidecar(path: Path) -> tuple[dict[str, str], dict[str, str]]:
             raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         entries = pq.read_table(path).to_pylist()
     else:
-        entries = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        entries.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"{path}:{lineno}: not valid JSON: {e}") from None
+        entries = [entry for _, entry in json_lines(path, InputError)]
     by_key, by_path = {}, {}
     for entry in entries:
         if set(entry) == {"meta"}:
