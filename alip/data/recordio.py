@@ -364,52 +364,69 @@ def quick_check_shard(
             )
         return ShardCheck(rec_path, idx_path, 0, 0)
     order = np.argsort(offsets, kind="stable")
-    starts = offsets[order]  # [N] record offsets in file order
-    # The smallest record: frame header, plus IRHeader and label when the layout is known.
-    smallest = 8 + (IR_SIZE + 4 * label_length if label_length else 0)
-    gaps = np.diff(np.append(starts, size))  # [N] bytes from each record to the next one (or the end)
+    layout = _IdxLayout(rec_path, keys[order], offsets[order], size, label_length)
     with RecordIOReader(rec_path, idx_path, read_index=False) as reader:
+        layout.check_offsets(reader)
+        for i in sorted({0, n // 2, n - 1}):
+            layout.walk(reader, i)
+    return ShardCheck(rec_path, idx_path, n, size)
 
-        def walk(i: int) -> None:
-            key, offset = int(keys[order[i]]), int(starts[i])
-            what = f"record key {key}"
-            parts, end = reader.parts(offset, what)  # raises on a cut record, naming it
-            _check_label(reader, parts, offset, what, label_length)
-            following = int(starts[i + 1]) if i + 1 < n else size
-            if end != following:
-                raise RecordIOError(
-                    f"{rec_path}: {what} at byte {offset} ends at byte {end}, but "
-                    + (
-                        f"the next record starts at byte {following}: .idx does not match the .rec"
-                        if i + 1 < n
-                        else f"the file has {size} bytes: records missing from the .idx, or trailing garbage"
-                    )
+
+@dataclass
+class _IdxLayout:
+    """A shard's records as its .idx places them, in file order, for `quick_check_shard`."""
+
+    rec_path: Path
+    keys: np.ndarray  # [N] record keys, in file order
+    starts: np.ndarray  # [N] record offsets, ascending
+    size: int  # the .rec's size in bytes
+    label_length: int | None
+
+    def walk(self, reader: RecordIOReader, i: int) -> None:
+        """Read the framing (and label) of the i-th record and check it ends where the next begins."""
+        key, offset, n = int(self.keys[i]), int(self.starts[i]), len(self.starts)
+        what = f"record key {key}"
+        parts, end = reader.parts(offset, what)  # raises on a cut record, naming it
+        _check_label(reader, parts, offset, what, self.label_length)
+        following = int(self.starts[i + 1]) if i + 1 < n else self.size
+        if end != following:
+            raise RecordIOError(
+                f"{self.rec_path}: {what} at byte {offset} ends at byte {end}, but "
+                + (
+                    f"the next record starts at byte {following}: .idx does not match the .rec"
+                    if i + 1 < n
+                    else f"the file has {self.size} bytes: records missing from the .idx, or trailing garbage"
                 )
+            )
 
+    def check_offsets(self, reader: RecordIOReader) -> None:
+        """Offsets inside the file, the first at 0, each 4-byte aligned and room for a record before the next."""
+        starts, size, n = self.starts, self.size, len(self.starts)
+        # The smallest record: frame header, plus IRHeader and label when the layout is known.
+        smallest = 8 + (IR_SIZE + 4 * self.label_length if self.label_length else 0)
         if starts[-1] + smallest > size:
             # The .idx reaches past the end of the .rec: name the record that was cut (a truncated
             # shard), else the first one that starts beyond the end.
             inside = int(np.searchsorted(starts, size))
-            walk(max(inside - 1, 0))
+            self.walk(reader, max(inside - 1, 0))
             i = min(inside, n - 1)
             raise RecordIOError(
-                f"{rec_path}: record key {int(keys[order[i]])} at byte {int(starts[i])}: beyond the end of the "
-                f"file (size {size}): truncated shard, or the .idx of another shard"
+                f"{self.rec_path}: record key {int(self.keys[i])} at byte {int(starts[i])}: beyond the end of "
+                f"the file (size {size}): truncated shard, or the .idx of another shard"
             )
+        gaps = np.diff(np.append(starts, size))  # [N] bytes from each record to the next one (or the end)
         bad = np.flatnonzero((starts % 4 != 0) | (gaps < smallest))
-        if starts[0] != 0 or bad.size:
-            i = 0 if starts[0] != 0 else int(bad[0])
-            key, offset = int(keys[order[i]]), int(starts[i])
-            if i == 0 and offset != 0:
-                why = "is the first record but does not start the file"
-            elif offset % 4:
-                why = "is not on a 4-byte record boundary"
-            else:
-                why = f"leaves {int(gaps[i])} bytes before the next record, too few for one"
-            raise RecordIOError(f"{rec_path}: record key {key} at byte {offset} {why}: .idx does not match the .rec")
-        for i in sorted({0, n // 2, n - 1}):
-            walk(i)
-    return ShardCheck(rec_path, idx_path, n, size)
+        if starts[0] == 0 and not bad.size:
+            return
+        i = 0 if starts[0] != 0 else int(bad[0])
+        key, offset = int(self.keys[i]), int(starts[i])
+        if i == 0 and offset != 0:
+            why = "is the first record but does not start the file"
+        elif offset % 4:
+            why = "is not on a 4-byte record boundary"
+        else:
+            why = f"leaves {int(gaps[i])} bytes before the next record, too few for one"
+        raise RecordIOError(f"{self.rec_path}: record key {key} at byte {offset} {why}: .idx does not match the .rec")
 
 
 def _check_label(
