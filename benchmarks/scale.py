@@ -133,93 +133,107 @@ def _opts(folder: Path, **kw):
 
 
 def stage(name: str, n: int, folder: Path) -> None:
-    """Run one stage; the timed part is between the two marks."""
-    from alip.data.sources import Columns
-
-    mark = {}
-    if name in ("index", "join", "plan"):
-        from alip.data import convert
-
-        if name == "join":
-            opts = _opts(folder, columns=Columns(key="key"), captions=folder / "captions.jsonl")
-            inputs = [folder / "nocap.tsv"]
-        else:
-            opts = _opts(folder, columns=Columns(key="key", caption="caption"))
-            inputs = [folder / "manifest.tsv"]
-        mark["base"] = _rss()
-        t0 = time.perf_counter()
-        samples, skips = convert.index_inputs(inputs, opts)
-        if name == "plan":
-            mark["index_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            convert.stat_images(samples)
-            tasks = convert.plan_shards(samples, opts)
-            convert.plan_fingerprint(tasks, opts)
-            for task in tasks:
-                convert.shard_stamp(task)
-        mark["seconds"] = time.perf_counter() - t0
-        assert len(samples) == n, (len(samples), len(skips))
-    elif name in ("start", "start_cold", "full_check"):
-        from alip.data.loader_config import prepare_shards
-
-        meta = folder / "train.meta.json"
-        if name == "start_cold":
-            _evict(folder)
-        mark["base"] = _rss()
-        t0 = time.perf_counter()
-        checks = prepare_shards(meta, full=name == "full_check")
-        mark["seconds"] = time.perf_counter() - t0
-        assert sum(c.num_records for c in checks) == n
-    elif name in ("dali_index", "torch_index"):
-        from alip.data.loader_config import prepare_shards
-
-        if name == "dali_index":
-            from alip.data.dali import combined_index
-        else:
-            from alip.data.torch_loader import RecordDataset
-        checks = prepare_shards(folder / "train.meta.json")
-        mark["base"] = _rss()
-        t0 = time.perf_counter()
-        if name == "dali_index":
-            with tempfile.TemporaryDirectory() as tmp:
-                combined_index(checks, Path(tmp) / "combined.idx")
-                mark["seconds"] = time.perf_counter() - t0
-        else:
-            assert len(RecordDataset(checks, None, train=False)) == n
-            mark["seconds"] = time.perf_counter() - t0
-    elif name == "dali_start":
-        from alip.data.dali import DaliLoader
-        from alip.data.loader_config import LoaderConfig
-
-        config = LoaderConfig(batch_size=256, image_size=8, num_threads=1, num_workers=0)
-        mark["base"] = _rss()
-        t0 = time.perf_counter()
-        loader = DaliLoader(folder / "train.meta.json", config, train=True, rank=0, world_size=8, device="cpu")
-        mark["seconds"] = time.perf_counter() - t0
-        loader.close()
-    elif name == "score":
-        _score(n, folder, mark)
-    elif name == "merge":
-        import shutil
-
-        from alip.caption.sidecar import merge
-
-        work = folder / "merge"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        for part in folder.glob("captions.out.jsonl.part*.jsonl"):
-            shutil.copy(part, work / part.name)
-        expected = [(f"k{i}", f"{i:09d}.jpg") for i in range(n)]
-        mark["base"] = _rss()
-        t0 = time.perf_counter()
-        report = merge(work / "captions.out.jsonl", expected, {"captioner": {"model": "synthetic"}})
-        mark["seconds"] = time.perf_counter() - t0
-        assert report.num_samples == n
-        shutil.rmtree(work)
-    else:
+    """Run one stage; the timed part is between the two marks (`base` RSS and `seconds`)."""
+    mark: dict = {}
+    runner = next((run for names, run in RUNNERS if name in names), None)
+    if runner is None:
         raise ValueError(name)
+    runner(name, n, folder, mark)
     mark["peak_rss"] = _peak_rss()
     print(json.dumps(mark))
+
+
+def _data2rec_stage(name: str, n: int, folder: Path, mark: dict) -> None:
+    """data2rec's index (with a caption column or a caption sidecar join) and planning."""
+    from alip.data import convert
+    from alip.data.sources import Columns
+
+    if name == "join":
+        opts = _opts(folder, columns=Columns(key="key"), captions=folder / "captions.jsonl")
+        inputs = [folder / "nocap.tsv"]
+    else:
+        opts = _opts(folder, columns=Columns(key="key", caption="caption"))
+        inputs = [folder / "manifest.tsv"]
+    mark["base"] = _rss()
+    t0 = time.perf_counter()
+    samples, skips = convert.index_inputs(inputs, opts)
+    if name == "plan":
+        mark["index_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        convert.stat_images(samples)
+        tasks = convert.plan_shards(samples, opts)
+        convert.plan_fingerprint(tasks, opts)
+        for task in tasks:
+            convert.shard_stamp(task)
+    mark["seconds"] = time.perf_counter() - t0
+    assert len(samples) == n, (len(samples), len(skips))
+
+
+def _start_stage(name: str, n: int, folder: Path, mark: dict) -> None:
+    """The loaders' start-up check: quick (warm or cold page cache) or full."""
+    from alip.data.loader_config import prepare_shards
+
+    meta = folder / "train.meta.json"
+    if name == "start_cold":
+        _evict(folder)
+    mark["base"] = _rss()
+    t0 = time.perf_counter()
+    checks = prepare_shards(meta, full=name == "full_check")
+    mark["seconds"] = time.perf_counter() - t0
+    assert sum(c.num_records for c in checks) == n
+
+
+def _index_stage(name: str, n: int, folder: Path, mark: dict) -> None:
+    """The loaders' record index: DALI's combined .idx, or the torch loader's record table."""
+    from alip.data.loader_config import prepare_shards
+
+    if name == "dali_index":  # imported before the clock starts: the import is not the index's cost
+        from alip.data.dali import combined_index
+    else:
+        from alip.data.torch_loader import RecordDataset
+    checks = prepare_shards(folder / "train.meta.json")
+    mark["base"] = _rss()
+    t0 = time.perf_counter()
+    if name == "dali_index":
+        with tempfile.TemporaryDirectory() as tmp:
+            combined_index(checks, Path(tmp) / "combined.idx")
+            mark["seconds"] = time.perf_counter() - t0
+    else:
+        assert len(RecordDataset(checks, None, train=False)) == n
+        mark["seconds"] = time.perf_counter() - t0
+
+
+def _dali_start_stage(name: str, n: int, folder: Path, mark: dict) -> None:
+    """A whole DaliLoader construction on the CPU, as rank 0 of 8."""
+    from alip.data.dali import DaliLoader
+    from alip.data.loader_config import LoaderConfig
+
+    config = LoaderConfig(batch_size=256, image_size=8, num_threads=1, num_workers=0)
+    mark["base"] = _rss()
+    t0 = time.perf_counter()
+    loader = DaliLoader(folder / "train.meta.json", config, train=True, rank=0, world_size=8, device="cpu")
+    mark["seconds"] = time.perf_counter() - t0
+    loader.close()
+
+
+def _merge_stage(name: str, n: int, folder: Path, mark: dict) -> None:
+    """The caption tool's merge of its part files into one sidecar."""
+    import shutil
+
+    from alip.caption.sidecar import merge
+
+    work = folder / "merge"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    for part in folder.glob("captions.out.jsonl.part*.jsonl"):
+        shutil.copy(part, work / part.name)
+    expected = [(f"k{i}", f"{i:09d}.jpg") for i in range(n)]
+    mark["base"] = _rss()
+    t0 = time.perf_counter()
+    report = merge(work / "captions.out.jsonl", expected, {"captioner": {"model": "synthetic"}})
+    mark["seconds"] = time.perf_counter() - t0
+    assert report.num_samples == n
+    shutil.rmtree(work)
 
 
 def _score(n: int, folder: Path, mark: dict) -> None:
@@ -256,6 +270,21 @@ def _score(n: int, folder: Path, mark: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         score.ScoreResult(rows, {"records": n}).write(Path(tmp) / "scores.csv")
     mark["seconds"] = time.perf_counter() - t0
+
+
+def _score_stage(name: str, n: int, folder: Path, mark: dict) -> None:
+    _score(n, folder, mark)
+
+
+# Each stage's names and the function that runs it (in a child process, see `stage`).
+RUNNERS = (
+    (("index", "join", "plan"), _data2rec_stage),
+    (("start", "start_cold", "full_check"), _start_stage),
+    (("dali_index", "torch_index"), _index_stage),
+    (("dali_start",), _dali_start_stage),
+    (("score",), _score_stage),
+    (("merge",), _merge_stage),
+)
 
 
 def _evict(folder: Path) -> None:
