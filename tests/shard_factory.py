@@ -82,3 +82,20 @@ def write_test_shards(out_dir: Path, num_records: int = 24, per_shard: int = 10,
     meta = schema.DatasetMeta(shards=shards, tokenizer={"name": "test tokens"}, source={"kind": "test"})
     schema.write_meta(result.meta, meta)
     return result
+
+
+def read_packed(meta_path: str | Path, by: str) -> dict[str, tuple]:
+    """{texts-sidecar entry[by]: (record key, raw ids [77], caption ids [77], jpeg, entry)} over all
+    shards of a data2rec output, each shard fully checked and its sidecar matched record by record."""
+    from alip.data.recordio import RecordIOReader, check_shard
+
+    out = {}
+    for shard in schema.resolve_shards(meta_path):
+        check_shard(shard.rec, shard.idx, label_length=154, expected_records=shard.records)
+        texts = [json.loads(line) for line in Path(shard.texts).read_text().splitlines()]
+        with RecordIOReader(shard.rec, shard.idx) as reader:
+            for (key, record), entry in zip(reader, texts, strict=True):
+                k, raw, cap, jpeg = schema.parse_record(record)
+                assert k == key == entry["key"]
+                out[entry[by]] = (key, raw, cap, jpeg, entry)
+    return out

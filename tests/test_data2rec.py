@@ -16,11 +16,10 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from shard_factory import PHOTOS, jpeg_bytes, photo
+from shard_factory import PHOTOS, jpeg_bytes, photo, read_packed
 
 from alip.data import schema
 from alip.data.convert import ConvertOptions, convert
-from alip.data.recordio import RecordIOReader, check_shard
 from alip.data.sources import Columns, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,18 +83,9 @@ def opts_for(out, **kw):
 
 
 def read_all(meta_path):
-    """{sample source: (record key, raw tokens, caption tokens, jpeg)} over all shards of a meta."""
-    meta = schema.read_meta(meta_path)
-    out = {}
-    for shard in schema.resolve_shards(meta_path):
-        check_shard(shard.rec, shard.idx, label_length=154, expected_records=shard.records)
-        texts = [json.loads(line) for line in Path(shard.texts).read_text().splitlines()]
-        with RecordIOReader(shard.rec, shard.idx) as reader:
-            for (key, record), entry in zip(reader, texts, strict=True):
-                k, raw, cap, jpeg = schema.parse_record(record)
-                assert k == key == entry["key"]
-                out[entry["source"]] = (key, raw, cap, jpeg, entry)
-    assert len(out) == meta.num_records
+    """{sample source: (record key, raw tokens, caption tokens, jpeg, entry)} over all shards of a meta."""
+    out = read_packed(meta_path, "source")
+    assert len(out) == schema.read_meta(meta_path).num_records
     return out
 
 

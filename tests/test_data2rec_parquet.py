@@ -15,11 +15,10 @@ import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from shard_factory import PHOTOS, jpeg_bytes, photo
+from shard_factory import PHOTOS, jpeg_bytes, photo, read_packed
 
 from alip.data import schema
 from alip.data.convert import ConvertOptions, convert
-from alip.data.recordio import RecordIOReader, check_shard
 from alip.data.sources import BadTokens, Columns, InputError, check_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,16 +93,7 @@ def opts_for(out, **kw):
 
 def read_records(meta_path) -> dict[str, tuple]:
     """{sample key: (raw ids [77], caption ids [77], jpeg, texts entry)} over all shards."""
-    out = {}
-    for shard in schema.resolve_shards(meta_path):
-        check_shard(shard.rec, shard.idx, label_length=154, expected_records=shard.records)
-        texts = [json.loads(line) for line in Path(shard.texts).read_text().splitlines()]
-        with RecordIOReader(shard.rec, shard.idx) as reader:
-            for (key, record), entry in zip(reader, texts, strict=True):
-                k, raw, cap, jpeg = schema.parse_record(record)
-                assert k == key == entry["key"]
-                out[entry["sample_key"]] = (raw, cap, jpeg, entry)
-    return out
+    return {k: v[1:] for k, v in read_packed(meta_path, "sample_key").items()}
 
 
 def skip_reasons(out_dir) -> dict[str, str]:

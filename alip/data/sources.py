@@ -588,17 +588,8 @@ def _place(inp: RowInputs, sample: SourceSample, col: str, kind: str, value, col
         _place_label(inp, np.asarray(value), columns.slots(), "--tokens-col")
     elif kind == TOKEN_IDS:
         for name, target in (("raw text", columns.text), ("caption", columns.caption)):
-            if col != target:
-                continue
-            try:
-                ids = check_token_ids(value)
-            except BadTokens as e:
-                inp.error = f"bad token ids ({name}): {e}"
+            if col == target and not _take_ids(inp, name, value, name):
                 return
-            if name == "raw text":
-                inp.raw = ids
-            else:
-                inp.caption = ids
 
 
 def _place_label(inp: RowInputs, row: np.ndarray, slots: tuple[int, ...], what: str) -> None:
@@ -607,15 +598,22 @@ def _place_label(inp: RowInputs, row: np.ndarray, slots: tuple[int, ...], what: 
         inp.error = f"bad token ids ({what}): {row.shape[0]} ids, not 77-id texts covering slot(s) {list(slots)}"
         return
     for name, slot in zip(("raw text", "caption"), slots, strict=False):
-        try:
-            checked = check_token_ids(row[slot * CONTEXT_LENGTH : (slot + 1) * CONTEXT_LENGTH])
-        except BadTokens as e:
-            inp.error = f"bad token ids ({name}, {what}): {e}"
+        if not _take_ids(inp, name, row[slot * CONTEXT_LENGTH : (slot + 1) * CONTEXT_LENGTH], f"{name}, {what}"):
             return
-        if name == "raw text":
-            inp.raw = checked
-        else:
-            inp.caption = checked
+
+
+def _take_ids(inp: RowInputs, name: str, ids, what: str) -> bool:
+    """Checked ids into the raw text or caption slot of `inp`; a bad row sets `inp.error` (False)."""
+    try:
+        checked = check_token_ids(ids)
+    except BadTokens as e:
+        inp.error = f"bad token ids ({what}): {e}"
+        return False
+    if name == "raw text":
+        inp.raw = checked
+    else:
+        inp.caption = checked
+    return True
 
 
 # ---------------------------------------------------------------- --show-schema
