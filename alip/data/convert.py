@@ -565,7 +565,10 @@ def _run_workers(todo: list[ShardTask], opts: ConvertOptions, total: int, alread
         unfinished = [t.stem for f, t in pending.items() if not (f.done() and f.exception() is None)]
         raise WorkerLostError(_lost_worker_message(unfinished, len(todo))) from None
     finally:
-        pool.shutdown(wait=not pending, cancel_futures=True)  # after an error, queued shards are dropped
+        # After an error, queued shards are dropped and running ones finish (and are kept). Always wait: with
+        # wait=False the pool's manager thread may close its wake-up pipe while the interpreter's exit hook
+        # writes to it, printing an "OSError: Bad file descriptor" traceback at exit (CPython 3.11, seen in CI).
+        pool.shutdown(wait=True, cancel_futures=True)
     bar.update(already + counter.value - bar.n)
     bar.close()
 
