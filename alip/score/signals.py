@@ -1,0 +1,240 @@
+"""What `alip score` measures per record: the checkpoint's gate settings, the model pass and the gates.
+
+`_read_checkpoint` finds the model name and the gates' EMA state, power and pair_gate in a
+training checkpoint; `_similarities` runs the model over the shards (through `_Scored`);
+`_gate_weights` turns the similarities into the gates' weights; `_shard_texts` reads each shard's
+texts sidecar for the original strings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from alip.data import schema
+from alip.data.torch_loader import RecordDataset, worker_errors
+from alip.model import quiet_random_init
+from alip.score.common import ScoreInputError, _Warnings, logger
+
+EMA_NAMES = {"tc": "ema_tc", "it": "ema_it", "ic": "ema_ic"}  # buffer names in alip.gates.ConsistencyGates
+
+
+@dataclass
+class _Checkpoint:
+    path: Path
+    kind: str  # "alip-train" or "weights"
+    model_name: str | None
+    ema: dict[str, float] | None  # tc/it/ic, None when the checkpoint has no usable EMA state
+    power: float | None
+    pair_gate: str | None
+
+
+def _find_ema(loss_state: Any) -> dict[str, float] | None:
+    if not isinstance(loss_state, Mapping):
+        return None
+    ema = {}
+    for short, buffer in EMA_NAMES.items():
+        # "gates.ema_tc" in AlipLoss.state_dict(); match the suffix so wrapper prefixes do not matter
+        found = [v for k, v in loss_state.items() if str(k) == buffer or str(k).endswith("." + buffer)]
+        if len(found) != 1:
+            return None
+        ema[short] = float(torch.as_tensor(found[0]).float().item())
+    return ema
+
+
+def _read_checkpoint(path: Path, warnings: _Warnings) -> _Checkpoint:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state: Any = None
+    if path.suffix != ".safetensors":
+        from alip.train.checkpoint import load_state
+
+        try:
+            state = load_state(path)
+        except Exception as e:  # unreadable or unsafe: alip.load_checkpoint will say exactly why
+            logger.debug("torch.load(%s) failed (%s); treating it as a weights file", path, e)
+    if not (isinstance(state, Mapping) and isinstance(state.get("model"), Mapping)):
+        return _Checkpoint(path, "weights", None, None, None, None)
+    config = state.get("config") if isinstance(state.get("config"), Mapping) else {}
+    model_cfg = config.get("model") if isinstance(config.get("model"), Mapping) else {}
+    loss_cfg = config.get("loss") if isinstance(config.get("loss"), Mapping) else {}
+    ema = None
+    if "loss" not in state:
+        warnings.add(f"{path} has no 'loss' state (the gates' EMA values): using the dataset means as mu")
+    else:
+        ema = _find_ema(state["loss"])
+        if ema is None:
+            warnings.add(f"{path}: no ema_tc/ema_it/ema_ic in its 'loss' state: using the dataset means as mu")
+    if ema is not None and (loss_cfg.get("use_gates") is False or loss_cfg.get("use_caption") is False):
+        warnings.add(
+            f"{path} was trained without gates (use_gates/use_caption false), so its EMA values were never "
+            "updated: using the dataset means as mu"
+        )
+        ema = None
+    if ema is not None and all(v == 1.0 for v in ema.values()):
+        warnings.add(f"{path}: the gates' EMA values are still at their initial 1.0 (saved before any step?)")
+    power = loss_cfg.get("power")
+    pair_gate = loss_cfg.get("pair_gate")
+    return _Checkpoint(
+        path,
+        "alip-train",
+        model_cfg.get("name"),
+        ema,
+        float(power) if power is not None else None,
+        str(pair_gate) if pair_gate is not None else None,
+    )
+
+
+def _texts_path(shard: schema.ShardInfo) -> Path | None:
+    if shard.texts:
+        return Path(shard.texts)
+    beside = Path(shard.rec).with_suffix(".texts.jsonl")  # data2rec's name, for a .rec glob
+    return beside if beside.is_file() else None
+
+
+def _read_texts(path: Path) -> dict[int, dict[str, str]]:
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                key = int(entry["key"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ScoreInputError(f"{path}:{lineno}: not a texts sidecar entry ({e})") from None
+            out[key] = {
+                "sample_key": "" if entry.get("sample_key") is None else str(entry["sample_key"]),
+                "raw_text": entry.get("raw_text") or "",
+                "caption": entry.get("caption") or "",
+            }
+    return out
+
+
+class _Scored(Dataset):
+    """The records of a `RecordDataset` with the model's eval transform, their key and position."""
+
+    def __init__(self, records: RecordDataset, preprocess: Any) -> None:
+        self.records, self.preprocess = records, preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        key, raw, cap, image = self.records.read(i)
+        return {
+            "image": self.preprocess(image),
+            "raw": torch.from_numpy(raw),
+            "caption": torch.from_numpy(cap),
+            "key": key,
+            "index": i,
+        }
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def _similarities(
+    model: torch.nn.Module,
+    dataset: _Scored,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(record keys [N], similarities [N, 3] as s_tc, s_it, s_ic in float64), in dataset order."""
+    from tqdm import tqdm
+
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    n = len(dataset)
+    keys = np.zeros(n, dtype=np.int64)
+    sims = np.full((n, 3), np.nan, dtype=np.float64)
+    with tqdm(total=n, unit="rec", desc="alip-score", disable=not progress) as bar, worker_errors():
+        for batch in loader:
+            b = batch["image"].shape[0]
+            image = batch["image"].to(device, non_blocking=True)
+            tokens = torch.cat([batch["raw"], batch["caption"]]).to(device, non_blocking=True)
+            v = model.encode_image(image, normalize=True).float()
+            t, c = model.encode_text(tokens, normalize=True).float().split(b)  # one pass, as BiPathCLIP
+            s = torch.stack([(t * c).sum(-1), (v * t).sum(-1), (v * c).sum(-1)], dim=1)
+            idx = batch["index"].numpy()
+            sims[idx] = s.double().cpu().numpy()
+            keys[idx] = batch["key"].numpy()
+            bar.update(b)
+    return keys, sims
+
+
+def _require_finite(keys: np.ndarray, sims: np.ndarray) -> None:
+    """A broken checkpoint gives NaN features: stop here rather than rank NaNs."""
+    bad = ~np.isfinite(sims).all(axis=1)
+    if bad.any():
+        raise ScoreInputError(
+            f"the model gave non-finite features for {int(bad.sum())} of {len(sims)} records "
+            f"(e.g. record key {int(keys[bad][0])}): is the checkpoint broken?"
+        )
+
+
+def _load_model(model_name: str, path: Path, device: torch.device) -> tuple[torch.nn.Module, Any, str]:
+    """(model in eval mode on `device`, its eval transform, the checkpoint format `alip.load_checkpoint` read)."""
+    import alip  # lazy: alip.model imports open_clip
+
+    with quiet_random_init():  # the checkpoint's weights are loaded right after
+        clip, _, preprocess = alip.create_model(model_name)
+    fmt = alip.load_checkpoint(clip, path)
+    clip.to(device).eval()
+    return clip, preprocess, fmt
+
+
+@dataclass
+class _Gated:
+    """The gate weights of every record and the mu they were computed with."""
+
+    weights: np.ndarray  # [N, 3] weight_sample, weight_raw, weight_caption
+    mu: dict[str, float]  # tc/it/ic
+    ema_source: str  # "checkpoint" or "dataset_mean"
+    means: dict[str, float]  # tc/it/ic dataset means of the similarities
+
+
+def _gate_weights(sims: np.ndarray, ema: dict[str, float] | None, power: float, pair_gate: str) -> _Gated:
+    """`alip.gates.gate_weights` over all records, mu = the checkpoint's EMA or, without one, the dataset means."""
+    import alip  # lazy, as in _load_model
+
+    means = {short: float(sims[:, j].mean()) for j, short in enumerate(EMA_NAMES)}
+    mu = ema if ema is not None else means
+    s = torch.from_numpy(sims)
+    weights = alip.gate_weights(s[:, 0], s[:, 1], s[:, 2], mu["tc"], mu["it"], mu["ic"], power, pair_gate)
+    w = torch.stack([weights.sample, weights.raw, weights.caption], dim=1).numpy()
+    return _Gated(w, mu, "checkpoint" if ema is not None else "dataset_mean", means)
+
+
+def _shard_texts(shards: list[schema.ShardInfo], warnings: _Warnings) -> list[dict[int, dict[str, str]] | None]:
+    """Each shard's texts sidecar by record key; None for a shard without one (warned once)."""
+    texts: list[dict[int, dict[str, str]] | None] = []
+    for shard in shards:
+        path = _texts_path(shard)
+        texts.append(_read_texts(path) if path is not None and path.is_file() else None)
+    without = [shard.rec for shard, t in zip(shards, texts, strict=True) if t is None]
+    if without:
+        warnings.add(
+            f"{len(without)} of {len(shards)} shards have no texts sidecar (data2rec writes "
+            f"<shard>.texts.jsonl beside the .rec), e.g. {without[0]}: their sample keys, raw texts and "
+            "captions are left blank"
+        )
+    return texts
