@@ -20,6 +20,16 @@ must open with the start token 49406, hold the end token 49407 and be < 49408; m
 are cut keeping the end token; a bad row is skipped and reported. The texts sidecar then holds
 the decoded text, marked "raw_decoded"/"caption_decoded". JSONL manifests hold paths and strings.
 
+Several captions per image (K caption slots): give each caption source a slot name, NAME=SOURCE,
+as often as needed: --caption-col blip=caption_blip --caption-col llm=caption_llm --captions
+ofa=ofa_caps.jsonl (columns, img2dataset JSON fields or tools/caption.py sidecars, in any mix).
+Each record's label then holds 77 x (1 + K) token ids, the raw text first, then the captions in
+the order given; the meta JSON names them ("texts": ["raw", "blip", "llm", "ofa"]) and each texts
+sidecar entry gets "captions": {name: string}. A token-id column works as a slot's source too. A
+sample missing one of its captions is skipped as a missing caption is, the reason naming the
+slot ("no llm caption for this sample"). Without names, one --caption-col and/or one --captions
+give the single caption of the release's 154-float layout, exactly as before.
+
 TSV manifests are read literally: one line per row, fields split on tabs, no CSV quoting (a `"`
 is part of the text); a line whose field count differs from the header's is skipped and reported.
 CSV manifests use standard CSV quoting. JSONL lines must be JSON objects.
@@ -43,6 +53,7 @@ Examples:
   python tools/data2rec.py yfcc15m.tsv --image-root /data/yfcc/images --text-col title \\
       --captions yfcc15m_captions.jsonl --out-dir /data/yfcc15m_rec --workers 32
   python tools/data2rec.py /data/img2dataset/*.tar --captions caps.jsonl --out-dir shards/
+  python tools/data2rec.py m.jsonl --caption-col blip=caption_blip --captions llm=llm_caps.jsonl --out-dir shards/
 """
 
 import argparse
@@ -55,7 +66,17 @@ from pathlib import Path
 from alip.cli import add_debug_flag, guarded
 from alip.data import sources
 from alip.data.convert import ConvertOptions, convert
-from alip.data.sources import Columns
+from alip.data.sources import CaptionSource, Columns
+
+# NAME=SOURCE names a caption slot; a source that merely holds "=" (a path like a=b.jsonl) has no valid name
+_SLOT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class _CaptionSourceAction(argparse.Action):
+    """--caption-col and --captions append (kind, value) to one list: the slots keep the command line's order."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), (self.const, value)])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,7 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--caption-col",
-        help="manifest column (or img2dataset JSON field) with the synthetic caption, a string or token ids",
+        dest="caption_sources",
+        action=_CaptionSourceAction,
+        const="column",
+        help="manifest column (or img2dataset JSON field) with the synthetic caption, a string or token ids; "
+        "NAME=COLUMN names a caption slot (repeatable: K caption slots, see above)",
     )
     p.add_argument(
         "--tokens-col",
@@ -97,7 +122,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=".npy of token ids by input row: [N, 154] raw text + caption, or [N, 77] raw text",
     )
     p.add_argument("--key-col", help="manifest column with a unique sample key (default: the row number)")
-    p.add_argument("--captions", type=Path, help="caption sidecar (JSONL/parquet: key or path -> caption)")
+    p.add_argument(
+        "--captions",
+        dest="caption_sources",
+        action=_CaptionSourceAction,
+        const="sidecar",
+        help="caption sidecar (JSONL/parquet: key or path -> caption); NAME=FILE names a caption slot (repeatable)",
+    )
     p.add_argument("--no-caption", action="store_true", help="allow samples without caption (empty caption; CLIP)")
     p.add_argument("--shard-records", type=int, default=10_000, help="max records per shard (default: 10000)")
     p.add_argument("--shard-size-mb", type=float, help="max shard size in MB, estimated from the input sizes")
@@ -134,14 +165,17 @@ def main(argv=None) -> int:
             slots = ()
         if not 1 <= len(slots) <= 2 or min(slots) < 0:
             raise sources.InputError(f"--token-slots {args.token_slots!r}: give one or two slot numbers, e.g. 0,1")
+    caption_col, captions, caption_name, more_captions = caption_slots(args.caption_sources or [])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("alip").setLevel(logging.INFO)  # ours; open_clip's INFO lines are noise here
     opts = ConvertOptions(
         out_dir=args.out_dir,
         prefix=args.prefix,
         image_root=args.image_root,
-        columns=Columns(args.image_col, text_col, args.caption_col, args.key_col, args.tokens_col, slots),
-        captions=args.captions,
+        columns=Columns(args.image_col, text_col, caption_col, args.key_col, args.tokens_col, slots),
+        captions=captions,
+        caption_name=caption_name,
+        more_captions=more_captions,
         tokens_npy=args.tokens_npy,
         require_caption=not args.no_caption,
         shard_records=args.shard_records,
@@ -163,6 +197,44 @@ def main(argv=None) -> int:
     )
     print(f"meta: {report.meta_path}")
     return 0
+
+
+def _named(kind: str, value: str) -> tuple[str | None, str]:
+    """(slot name or None, the column or file) of one --caption-col / --captions value."""
+    name, sep, rest = value.partition("=")
+    if not sep or not rest or not _SLOT_NAME.match(name) or (kind == "sidecar" and Path(value).exists()):
+        return None, value
+    return name, rest
+
+
+def caption_slots(given: list[tuple[str, str]]) -> tuple[str | None, Path | None, str, tuple[CaptionSource, ...]]:
+    """(first slot's column, its sidecar, its name, slots 2..K) from the --caption-col / --captions values.
+
+    Unnamed values are the release's single caption (a column, a sidecar, or both: the sidecar's
+    captions take precedence); named ones are caption slots, one each, in the order given."""
+    named = [(kind, *_named(kind, value)) for kind, value in given]
+    if not any(name for _, name, _ in named):
+        columns = [v for kind, _, v in named if kind == "column"]
+        sidecars = [v for kind, _, v in named if kind == "sidecar"]
+        if len(columns) > 1 or len(sidecars) > 1:
+            raise sources.InputError(
+                "several caption sources: give each a slot name, e.g. --caption-col blip=caption_blip "
+                "--captions llm=llm_captions.jsonl"
+            )
+        return (columns or [None])[0], Path(sidecars[0]) if sidecars else None, "caption", ()
+    unnamed = [v for _, name, v in named if name is None]
+    if unnamed:
+        raise sources.InputError(f"caption source(s) {unnamed} have no slot name: with several, name each (NAME=...)")
+    names = [name for _, name, _ in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise sources.InputError(f"caption slot name(s) {twice} given more than once")
+    slots = [
+        CaptionSource(name, column=v) if kind == "column" else CaptionSource(name, sidecar=Path(v))
+        for kind, name, v in named
+    ]
+    first = slots[0]
+    return first.column, first.sidecar, first.name, tuple(slots[1:])
 
 
 _FLAG_OF_KIND = {

@@ -6,7 +6,8 @@ or a single .rec with its .idx beside it (the original ALIP release's file); sev
 
 For each of the first N records it prints the key, the image (format, width x height, mode, bytes)
 and the raw text and caption decoded from their CLIP BPE tokens with open_clip's tokenizer (CLIP
-lowercases and respaces text, so "IMG_2093.JPG" reads back as "img _ 2 0 9 3 . jpg").
+lowercases and respaces text, so "IMG_2093.JPG" reads back as "img _ 2 0 9 3 . jpg"). Records with
+K > 1 caption slots show every caption, named as the meta JSON's "texts" names them ("blip: ...").
 
 Examples:
     python tools/inspect_rec.py data/yfcc15m/train.meta.json -n 5
@@ -69,8 +70,8 @@ def describe_image(jpeg: bytes) -> str:
         return f"undecodable image ({e}), {len(jpeg)} bytes"
 
 
-def _deep_lines(shard: schema.ShardInfo) -> tuple[int | None, list[str]]:
-    found = schema.deep_check_shard(shard)
+def _deep_lines(shard: schema.ShardInfo, slots: schema.TextSlots) -> tuple[int | None, list[str]]:
+    found = schema.deep_check_shard(shard, slots=slots)
     checked = found.shard
     head = f"{checked.rec_path}: {checked.num_records} records, {checked.num_bytes} bytes, checksum {found.checksum}"
     if not found.num_problems:
@@ -81,22 +82,26 @@ def _deep_lines(shard: schema.ShardInfo) -> tuple[int | None, list[str]]:
     return None, lines
 
 
-def check_one(shard: schema.ShardInfo, deep: bool) -> tuple[int | None, list[str]]:
-    """(its record count, or None when it is damaged; the lines to print) for one shard.
+def check_one(
+    shard: schema.ShardInfo, deep: bool, slots: schema.TextSlots | None = None
+) -> tuple[int | None, list[str]]:
+    """(its record count, or None when it is damaged; the lines to print) for one shard whose labels
+    hold `slots` (K = 1 by default).
 
     A damaged shard is a finding of the check, not an error of the command.
     """
+    slots = slots if slots is not None else schema.TextSlots()
     try:
         if deep:
-            return _deep_lines(shard)
-        result = check_shard(shard.rec, shard.idx, schema.LABEL_LENGTH, shard.records)
+            return _deep_lines(shard, slots)
+        result = check_shard(shard.rec, shard.idx, slots.label_length, shard.records)
     except RecordIOError as e:
         return None, [f"FAIL {e}"]
     return result.num_records, [f"ok   {result.rec_path}: {result.num_records} records, {result.num_bytes} bytes"]
 
 
-def check(shards: list[schema.ShardInfo], deep: bool, workers: int) -> int:
-    task = functools.partial(check_one, deep=deep)
+def check(shards: list[schema.ShardInfo], deep: bool, workers: int, slots: schema.TextSlots | None = None) -> int:
+    task = functools.partial(check_one, deep=deep, slots=slots)
     failed, total = 0, 0
     with ProcessPoolExecutor(workers) as pool:  # starts no process until used
         for records, lines in pool.map(task, shards) if workers > 1 else map(task, shards):  # in shard order
@@ -107,7 +112,20 @@ def check(shards: list[schema.ShardInfo], deep: bool, workers: int) -> int:
     return CHECK_FAILED if failed else 0
 
 
-def show(shards: list[schema.ShardInfo], count: int, dump: Path | None) -> None:
+def label_texts(label: np.ndarray, slots: schema.TextSlots) -> list[tuple[str, str]]:
+    """(name, decoded text) of every text of a label: ("raw", ...), then each caption slot by name
+    ("caption" for K = 1, as the meta JSON names it otherwise)."""
+    names = ("raw", "caption") if slots.num_captions == 1 else slots.names
+    try:
+        raw, captions = schema.decode_label(label, slots)
+        rows = [raw, *np.asarray(captions).reshape(-1, schema.CONTEXT_LENGTH)]
+        return [(name, decode_tokens(row)) for name, row in zip(names, rows, strict=True)]
+    except schema.TokenError as e:  # show the damage and go on: this is an inspection tool
+        return [(name, f"<damaged label: {e}>") for name in names]
+
+
+def show(shards: list[schema.ShardInfo], count: int, dump: Path | None, slots: schema.TextSlots | None = None) -> None:
+    slots = slots if slots is not None else schema.TextSlots()
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
     shown = 0
@@ -116,18 +134,16 @@ def show(shards: list[schema.ShardInfo], count: int, dump: Path | None) -> None:
             for key_in_idx, offset in reader.index:
                 if shown == count:
                     return
-                key, label, jpeg = schema.split_record(reader.read_at(offset, f"record key {key_in_idx}"))
-                try:
-                    raw, caption = schema.decode_label(label)
-                    raw_text, caption_text = decode_tokens(raw), decode_tokens(caption)
-                except schema.TokenError as e:  # show the damage and go on: this is an inspection tool
-                    raw_text = caption_text = f"<damaged label: {e}>"
+                key, label, jpeg = schema.split_record(reader.read_at(offset, f"record key {key_in_idx}"), slots)
+                texts = label_texts(label, slots)
+                width = max(len(name) for name, _ in texts) + 1  # "raw:     " / "caption: " for K = 1
                 print(f"[{shown}] key {key} ({Path(shard.rec).name} @ {offset}): {describe_image(jpeg)}")
-                print(f"    raw:     {raw_text}")
-                print(f"    caption: {caption_text}")
+                for name, text in texts:
+                    print(f"    {name + ':':<{width}} {text}")
                 if dump is not None:
                     (dump / f"{key}.jpg").write_bytes(jpeg)
-                    (dump / f"{key}.txt").write_text(f"raw: {raw_text}\ncaption: {caption_text}\n", encoding="utf-8")
+                    lines = "".join(f"{name}: {text}\n" for name, text in texts)
+                    (dump / f"{key}.txt").write_text(lines, encoding="utf-8")
                 shown += 1
 
 
@@ -149,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     if args.deep and not args.check:
         parser.error("--deep goes with --check")
-    shards = schema.resolve_shards(args.shards)
+    resolved = schema.resolve_dataset(args.shards)
+    shards, slots = [info for info, _ in resolved], schema.agreed_slots(resolved)
     if args.check:
-        return check(shards, args.deep, args.workers)
-    show(shards, args.num, args.dump)
+        return check(shards, args.deep, args.workers, slots)
+    show(shards, args.num, args.dump, slots)
     return 0
 
 

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ from alip.data import schema
 from alip.data.images import BadImage, prepare_image
 from alip.data.recordio import RecordIOWriter
 from alip.data.sources import (
+    CaptionSource,
     Columns,
     InputError,
     Skip,
@@ -78,8 +79,20 @@ class ConvertOptions:
     tokenizer: str = "ViT-B-32"
     overwrite: bool = False
     progress: bool = True
+    # K caption slots: the first slot's name (its captions come from columns.caption / captions), then
+    # slots 2..K with their sources (more_captions empty: K = 1, the release's layout)
+    caption_name: str = "caption"
+    more_captions: tuple[CaptionSource, ...] = ()
 
     def __post_init__(self) -> None:
+        try:
+            schema.TextSlots(self.texts)
+        except ValueError as e:
+            raise InputError(f"caption slots: {e}") from None
+        if schema.RAW_NAME in self.texts[1:]:
+            raise InputError(f"a caption slot cannot be named {schema.RAW_NAME!r}: it names the raw text")
+        # the readers take the later slots' columns with the others (None: a sidecar slot)
+        self.columns = replace(self.columns, more_captions=tuple(c.column for c in self.more_captions))
         if self.shard_records < 1:
             raise InputError(f"shard_records must be >= 1, got {self.shard_records}")
         if self.shard_bytes is not None and self.shard_bytes < 1:
@@ -92,6 +105,11 @@ class ConvertOptions:
             raise InputError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if not 1 <= self.jpeg_quality <= 100:
             raise InputError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """The names of a record's texts, in label order (the meta JSON's "texts")."""
+        return (schema.RAW_NAME, self.caption_name, *(c.name for c in self.more_captions))
 
 
 @dataclass
@@ -163,7 +181,7 @@ def index_inputs(inputs: list[Path], opts: ConvertOptions) -> tuple[list[SourceS
         if not path.exists():
             raise InputError(f"input not found: {path}")
         if path.suffix == ".tar":
-            got, bad = tar_samples(path, caption_field=opts.columns.caption)
+            got, bad = tar_samples(path, caption_field=opts.columns.caption, more_fields=opts.columns.more_captions)
         else:
             got, bad = manifest_samples(path, opts.image_root, opts.columns, first_row=len(samples) + len(skips))
         samples += got
@@ -227,13 +245,35 @@ def _join_captions(samples: list[SourceSample], opts: ConvertOptions) -> tuple[l
             "no caption source: pass a caption column, a caption sidecar (--captions), "
             "or allow empty captions (--no-caption) for CLIP-only data"
         )
+    _join_more_captions(samples, opts)
     kept, skips = [], []
     for s in samples:
-        if s.caption is None and opts.require_caption:
-            skips.append(Skip(s.source, "no caption for this sample"))
+        missing = _missing_caption(s, opts) if opts.require_caption else None
+        if missing is not None:
+            skips.append(Skip(s.source, missing))
         else:
             kept.append(s)
     return kept, skips
+
+
+def _join_more_captions(samples: list[SourceSample], opts: ConvertOptions) -> None:
+    """Caption slots 2..K that come from sidecars, joined by key or path as the first slot's."""
+    for slot, source in enumerate(opts.more_captions):
+        if source.sidecar is None:
+            continue
+        by_key, by_path = read_caption_sidecar(source.sidecar)
+        for s in samples:
+            s.more_captions[slot] = by_key.get(s.key) or (by_path.get(s.path) if s.path else None)
+
+
+def _missing_caption(sample: SourceSample, opts: ConvertOptions) -> str | None:
+    """Why a sample cannot be written for want of a caption (naming the slot when there are several)."""
+    if not opts.more_captions:
+        return "no caption for this sample" if sample.caption is None else None
+    captions = [sample.caption, *sample.more_captions]
+    missing = [name for name, caption in zip(opts.texts[1:], captions, strict=True) if caption is None]
+    # one reason per slot: the skip report counts them by slot
+    return f"no {missing[0]} caption for this sample" if missing else None
 
 
 def _tokens_have_captions(opts: ConvertOptions) -> bool:
@@ -300,12 +340,18 @@ def plan_fingerprint(tasks: list[ShardTask], opts: ConvertOptions) -> str:
     if opts.tokens_npy is not None or any(s.row_group >= 0 for t in tasks for _, s in t.items):
         # values read when a shard is written are not hashed below: hash where they come from instead
         # (appended only then: older plans keep their fingerprint)
-        settings += [str(opts.tokens_npy), asdict(opts.columns)]
+        columns = asdict(opts.columns)
+        if not columns["more_captions"]:
+            del columns["more_captions"]  # K = 1: the fingerprint of plans made before caption slots
+        settings += [str(opts.tokens_npy), columns]
+    if opts.more_captions:
+        settings += [list(opts.texts), [c.describe() for c in opts.more_captions]]
     h.update(json.dumps(settings).encode())
     for task in tasks:
         h.update(f"|{task.stem}".encode())
         for key, s in task.items:
-            h.update(f"{key}\t{s.key}\t{s.image}\t{s.tar_offset}\t{s.raw_text}\t{s.caption}\n".encode())
+            more = "" if s.more_captions is None else "\t" + json.dumps(s.more_captions, ensure_ascii=False)
+            h.update(f"{key}\t{s.key}\t{s.image}\t{s.tar_offset}\t{s.raw_text}\t{s.caption}{more}\n".encode())
     return h.hexdigest()
 
 
@@ -365,7 +411,7 @@ def _write_records(task: ShardTask, tmp: dict[str, Path]) -> tuple[int, int, lis
     samples = [s for _, s in task.items]
     inputs = read_inputs(samples, opts.columns, opts.image_root, _worker.get("tokens"))  # parquet: by row group
     raw_tokens = _token_rows([i.raw for i in inputs])
-    cap_tokens = _token_rows([i.caption if i.caption is not None else "" for i in inputs])
+    cap_tokens = _caption_rows(inputs, len(opts.more_captions))  # [N, 77], or [N, K, 77] with K slots
     skipped, stats = [], Counter()
     with RecordIOWriter(tmp[".rec"], tmp[".idx"]) as writer, open(tmp[".texts.jsonl"], "w", encoding="utf-8") as texts:
         for i, ((key, sample), inp) in enumerate(zip(task.items, inputs, strict=True)):
@@ -385,13 +431,35 @@ def _write_records(task: ShardTask, tmp: dict[str, Path]) -> tuple[int, int, lis
                 stats[f"mode_{img.source_mode}"] += 1
                 stats["empty_raw_text"] += not entry["raw_text"].strip()
                 stats["truncated_raw_text"] += bool(raw_tokens[i][-1])
-                stats["truncated_caption"] += bool(cap_tokens[i][-1])
-                stats["token_id_texts"] += isinstance(inp.raw, np.ndarray) + isinstance(inp.caption, np.ndarray)
+                _caption_stats(stats, cap_tokens[i], inp, opts.texts[1:])
             if i % 16 == 15:
                 _bump(16)
         _bump(len(task.items) % 16)
         writer.close(fsync=True)
         return writer.count, writer.bytes_written, skipped, dict(stats)
+
+
+def _caption_stats(stats: Counter, caps: np.ndarray, inp, names: tuple[str, ...]) -> None:
+    """Truncated captions (the first slot's as before K slots existed, later ones by slot) and token-id texts."""
+    rows = caps.reshape(-1, schema.CONTEXT_LENGTH)  # [K, 77]
+    stats["truncated_caption"] += bool(rows[0][-1])
+    for name, row in zip(names[1:], rows[1:], strict=True):
+        stats[f"truncated_caption_{name}"] += bool(row[-1])
+    given = [inp.raw, inp.caption, *(inp.more_captions or [])]
+    stats["token_id_texts"] += sum(isinstance(t, np.ndarray) for t in given)
+
+
+def _caption_rows(inputs: list, more: int) -> np.ndarray:
+    """[N, 77] caption ids, or [N, 1 + more, 77] with `more` caption slots after the first ("" for none)."""
+    first = _token_rows([i.caption if i.caption is not None else "" for i in inputs])
+    if not more:
+        return first
+    rest = [_token_rows([_or_empty(i.more_captions[slot]) for i in inputs]) for slot in range(more)]
+    return np.stack([first, *rest], axis=1)
+
+
+def _or_empty(text: str | np.ndarray | None) -> str | np.ndarray:
+    return "" if text is None else text
 
 
 def _token_rows(texts: list[str | np.ndarray]) -> np.ndarray:
@@ -407,6 +475,7 @@ def _text_entry(key: int, sample: SourceSample, raw: np.ndarray, cap: np.ndarray
     # the original strings, for inspection and noise reports (the shard holds only tokens); texts
     # given as token ids are decoded with the tokenizer and marked so (spacing and case may differ)
     raw_decoded, cap_decoded = isinstance(inp.raw, np.ndarray), isinstance(inp.caption, np.ndarray)
+    slots, cap = cap, cap.reshape(-1, schema.CONTEXT_LENGTH)[0]  # the first caption slot: K = 1's caption
     entry = {
         "key": key,
         "sample_key": sample.key,
@@ -418,7 +487,24 @@ def _text_entry(key: int, sample: SourceSample, raw: np.ndarray, cap: np.ndarray
     }
     if raw_decoded or cap_decoded:
         entry["raw_decoded"], entry["caption_decoded"] = raw_decoded, cap_decoded
+    if inp.more_captions is not None:
+        _add_slots(entry, slots, inp)
     return entry
+
+
+def _add_slots(entry: dict, cap: np.ndarray, inp) -> None:
+    """K > 1 caption slots: every caption by slot name (the first is also "caption", for K = 1 readers)."""
+    names = _worker["opts"].texts[1:]
+    given = [inp.caption, *inp.more_captions]
+    texts, truncated, decoded = {}, {}, {}
+    for name, text, row in zip(names, given, cap, strict=True):
+        decoded[name] = isinstance(text, np.ndarray)
+        texts[name] = decode_tokens(_worker["tokenizer"], row) if decoded[name] else text
+        truncated[name] = bool(row[-1])
+    texts[names[0]] = entry["caption"]
+    entry["captions"], entry["captions_truncated"] = texts, truncated
+    if any(decoded.values()):
+        entry["captions_decoded"] = decoded
 
 
 def _bump(n: int) -> None:
@@ -620,12 +706,14 @@ def _build_meta(inputs, opts, results, num_inputs, reasons, stats) -> schema.Dat
     ]
     from alip import __version__
 
+    first_caption = str(opts.captions) if opts.captions else (opts.columns.caption and f"column {opts.columns.caption}")
+    captions = first_caption
+    if opts.more_captions:  # K > 1: where each slot's captions came from
+        captions = {opts.caption_name: first_caption, **{c.name: c.describe() for c in opts.more_captions}}
     source = {
         "inputs": [str(p) for p in inputs],
         "kind": "tar" if inputs[0].suffix == ".tar" else "manifest",
-        "captions": str(opts.captions)
-        if opts.captions
-        else (opts.columns.caption and f"column {opts.columns.caption}"),
+        "captions": captions,
         "num_inputs": num_inputs,
         "num_skipped": sum(reasons.values()),
         "skipped_by_reason": dict(reasons),
@@ -641,4 +729,11 @@ def _build_meta(inputs, opts, results, num_inputs, reasons, stats) -> schema.Dat
     }
     if opts.tokens_npy is not None:
         source["tokens_npy"] = str(opts.tokens_npy)
-    return schema.DatasetMeta(shards=shards, tokenizer=_tokenizer_info(opts.tokenizer), source=source)
+    slots = schema.TextSlots(opts.texts)
+    return schema.DatasetMeta(
+        shards=shards,
+        tokenizer=_tokenizer_info(opts.tokenizer),
+        source=source,
+        layout=slots.layout(),
+        texts=list(slots.names),
+    )

@@ -5,7 +5,8 @@ CUDA is available and on the CPU otherwise, augments, and yields
 
     {"image": float32 [B, 3, H, W], "text": int64 [B, 77], "caption": int64 [B, 77]}
 
-on the training device. Iterating the loader runs ONE epoch, starting where the loader stands (so
+on the training device (the caption [B, K, 77] for records with K > 1 caption slots, named by the
+meta JSON's "texts": see schema.TextSlots). Iterating the loader runs ONE epoch, starting where the loader stands (so
 a loader restored mid-epoch finishes that epoch first); `len(loader)` is the number of steps per
 epoch, equal on every rank.
 
@@ -173,7 +174,8 @@ class DaliLoader:
     ) -> None:
         self.config = config
         self.train = train
-        self.rank, self.world_size, self.device, self.shards = place_loader(shards, config, rank, world_size, device)
+        placed = place_loader(shards, config, rank, world_size, device)
+        self.rank, self.world_size, self.device, self.shards, self.slots = placed
         self.num_records = sum(s.num_records for s in self.shards)
         self.mode = config.epoch_mode(train)
         self.steps_per_epoch = steps_per_epoch(self.num_records, config.batch_size, self.world_size, self.mode)
@@ -303,19 +305,26 @@ class DaliLoader:
     def _to_batch(self, images: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor) -> dict[str, torch.Tensor]:
         # DALI reuses its output buffers for later batches, but the iterator copies into fresh
         # torch tensors, so these are safe to keep.
-        if labels.shape[-1] != schema.LABEL_LENGTH:
-            raise ValueError(f"record labels have {labels.shape[-1]} floats, expected {schema.LABEL_LENGTH}")
+        slots = self.slots
+        if labels.shape[-1] != slots.label_length:
+            where = self._record_at(sources[0]) if len(sources) else "a record"
+            raise RecordIOError(
+                f"{where}: labels of {labels.shape[-1]} floats, expected {slots.label_length} ({slots.describe()})"
+            )
         if len(labels) == 0:  # eval: a rank whose part ran out takes the step with an empty batch
-            text = caption = np.zeros((0, schema.CONTEXT_LENGTH), dtype=np.int64)
+            text = np.zeros((0, schema.CONTEXT_LENGTH), dtype=np.int64)
+            k = slots.num_captions
+            caption = np.zeros((0, *((k,) if k > 1 else ()), schema.CONTEXT_LENGTH), dtype=np.int64)
         else:
             try:
-                text, caption = schema.decode_label(labels.numpy())  # [B, 77] int64 each
+                text, caption = schema.decode_label(labels.numpy(), slots)
             except schema.TokenError as e:
                 raise RecordIOError(f"{self._record_at(sources[e.row])}: {e}; {schema.DEEP_CHECK_HINT}") from None
         return {
             "image": images.to(self.device, non_blocking=True),  # [B, 3, H, W] float32
             "text": torch.from_numpy(text).to(self.device, non_blocking=True),  # [B, 77]
-            "caption": torch.from_numpy(caption).to(self.device, non_blocking=True),  # [B, 77]
+            # [B, 77], or [B, K, 77] with K caption slots
+            "caption": torch.from_numpy(caption).to(self.device, non_blocking=True),
         }
 
     def _record_at(self, source: torch.Tensor) -> str:

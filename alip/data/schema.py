@@ -5,6 +5,12 @@ One record per sample: `IRHeader(flag=154, label=float32[154], id=key, id2=0)` t
 padded; ids < 2**24 are exact in float32). This is the original ALIP release's layout, so its
 single `.rec` reads the same way as our shards.
 
+Records may hold K >= 1 caption slots (several captioners, an LLM rewrite): the label is then
+77 x (1 + K) ids, the raw text first, then the captions in a fixed order, and the meta JSON names
+the texts in that order (`"texts": ["raw", "blip", "llm"]`, see `TextSlots`). K = 1 is the layout
+above, byte for byte; a meta JSON without "texts" (every shard written before K existed) and a
+bare `.rec` of 154-float labels read as K = 1.
+
 Shards are `{prefix}-{k:05d}.rec/.idx`; `{prefix}.meta.json` beside them names the shards with
 their record counts and checksums, the tokenizer, the layout and where the data came from.
 
@@ -30,7 +36,8 @@ CONTEXT_LENGTH = 77
 LABEL_LENGTH = 2 * CONTEXT_LENGTH
 VOCAB_SIZE = 49408  # CLIP BPE: token ids 0..49407
 START_OF_TEXT, END_OF_TEXT = 49406, 49407
-SLOTS = ("raw text", "caption")  # the two 77-token halves of a label, in order
+SLOTS = ("raw text", "caption")  # the two 77-token halves of a K = 1 label, in order
+RAW_NAME = "raw"  # the first text of every record; the meta JSON's "texts" starts with it
 META_FORMAT = "alip-recordio"
 META_VERSION = 1
 LAYOUT = {
@@ -46,6 +53,69 @@ LAYOUT = {
 }
 
 
+@dataclass(frozen=True)
+class TextSlots:
+    """The texts of a record's label, in order: the raw text, then K >= 1 captions, 77 ids each.
+
+    `names` is the meta JSON's "texts" (e.g. ("raw", "blip", "llm")); the default is K = 1.
+    """
+
+    names: tuple[str, ...] = (RAW_NAME, "caption")
+
+    def __post_init__(self) -> None:
+        names = self.names
+        if len(names) < 2 or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"texts must name the raw text and at least one caption, got {list(names)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"texts must have distinct names, got {list(names)}")
+
+    @classmethod
+    def for_width(cls, width: int) -> TextSlots:
+        """Default names for labels of `width` floats (a bare .rec has no meta JSON to name them)."""
+        if width % CONTEXT_LENGTH or width < LABEL_LENGTH:
+            raise ValueError(f"a label of {width} floats is not 77 x (1 + K) token ids")
+        k = width // CONTEXT_LENGTH - 1
+        return cls() if k == 1 else cls((RAW_NAME, *(f"caption_{i}" for i in range(1, k + 1))))
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.names) - 1
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        return self.names[1:]
+
+    @property
+    def label_length(self) -> int:
+        return CONTEXT_LENGTH * len(self.names)
+
+    def labels(self) -> tuple[str, ...]:
+        """How messages name each text: ("raw text", "caption") for K = 1, "blip caption" for a named one."""
+        return ("raw text", *("caption" if n == "caption" else f"{n} caption" for n in self.captions))
+
+    def describe(self) -> str:
+        return f"{self.num_captions} caption slot(s) {list(self.captions)} ({self.label_length}-float labels)"
+
+    def layout(self) -> dict[str, Any]:
+        """The meta JSON's "layout": LAYOUT for K = 1, one field per text otherwise."""
+        if self.num_captions == 1:
+            return dict(LAYOUT)
+        fields = [{"name": "raw_text_tokens", "offset": 0, "length": CONTEXT_LENGTH}]
+        for i, name in enumerate(self.captions, 1):
+            fields.append({"name": f"caption_{name}_tokens", "offset": i * CONTEXT_LENGTH, "length": CONTEXT_LENGTH})
+        return {**LAYOUT, "header_flag": self.label_length, "fields": fields}
+
+
+def _slots_of(width: int, slots: TextSlots | None) -> TextSlots | None:
+    """`slots`, else the default slots of labels `width` wide (None when no layout has that width)."""
+    if slots is not None:
+        return slots
+    try:
+        return TextSlots.for_width(width)
+    except ValueError:
+        return None
+
+
 def shard_stem(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}"
 
@@ -55,11 +125,14 @@ def meta_path(out_dir: str | Path, prefix: str) -> Path:
 
 
 def encode_label(raw_tokens: np.ndarray, caption_tokens: np.ndarray) -> np.ndarray:
-    """Two [77] token rows -> the float32[154] label."""
+    """Raw text [77] and caption [77] (or K captions [K, 77]) -> the float32 [77 * (1 + K)] label."""
     raw, cap = np.asarray(raw_tokens), np.asarray(caption_tokens)
-    if raw.shape != (CONTEXT_LENGTH,) or cap.shape != (CONTEXT_LENGTH,):
-        raise ValueError(f"token rows must have shape ({CONTEXT_LENGTH},), got {raw.shape} and {cap.shape}")
-    return np.concatenate([raw, cap]).astype(np.float32)
+    if raw.shape != (CONTEXT_LENGTH,) or cap.shape[-1:] != (CONTEXT_LENGTH,) or cap.ndim > 2 or not cap.size:
+        raise ValueError(
+            f"token rows must have shape ({CONTEXT_LENGTH},) (captions: (K, {CONTEXT_LENGTH})), "
+            f"got {raw.shape} and {cap.shape}"
+        )
+    return np.concatenate([raw, cap.ravel()]).astype(np.float32)
 
 
 class TokenError(ValueError):
@@ -70,13 +143,15 @@ class TokenError(ValueError):
         self.row = row
 
 
-def _position(column: int) -> str:
+def _position(column: int, slots: TextSlots | None) -> str:
+    if slots is None:
+        return f"value {column}"
     slot, position = divmod(column, CONTEXT_LENGTH)
-    return f"{SLOTS[slot]} token {position}"
+    return f"{slots.labels()[slot]} token {position}"
 
 
-def token_fault(labels: np.ndarray) -> tuple[int, str] | None:
-    """The first label of float labels [..., 154] holding a value that is not a token id, as (row, what).
+def token_fault(labels: np.ndarray, slots: TextSlots | None = None) -> tuple[int, str] | None:
+    """The first label of float labels [..., 77 * (1 + K)] holding a value that is not a token id, as (row, what).
 
     A token id is finite, integral and in 0..VOCAB_SIZE-1. A flipped bit in a float32 turns an id
     into -1003.0 or NaN, which the int64 cast would hand on as -1003 or INT64_MIN: so this looks at
@@ -90,18 +165,23 @@ def token_fault(labels: np.ndarray) -> tuple[int, str] | None:
     valid = (rows >= 0) & (rows < VOCAB_SIZE) & (rows == np.rint(rows))
     row, column = (int(i) for i in np.argwhere(~valid)[0])
     value = rows[row, column]
-    return row, f"{_position(column)} is {float(value)}, not a token id (an integer in 0..{VOCAB_SIZE - 1})"
+    where = _position(column, _slots_of(labels.shape[-1], slots))
+    return row, f"{where} is {float(value)}, not a token id (an integer in 0..{VOCAB_SIZE - 1})"
 
 
-def label_faults(label: np.ndarray) -> list[str]:
-    """Everything wrong with one float label [154] (the deep check): non-token values, and a non-empty
-    half that does not open with the start token or has no end token (open_clip's tokenizer writes
-    both, keeping the end token when it truncates)."""
-    fault = token_fault(label)
+def label_faults(label: np.ndarray, slots: TextSlots | None = None) -> list[str]:
+    """Everything wrong with one float label [77 * (1 + K)] (the deep check): non-token values, and a
+    non-empty text that does not open with the start token or has no end token (open_clip's tokenizer
+    writes both, keeping the end token when it truncates)."""
+    label = np.asarray(label)
+    slots = _slots_of(label.shape[-1], slots)
+    if slots is None or label.shape[-1] != slots.label_length:
+        return [f"label has {label.shape[-1]} floats, expected {slots.label_length if slots else LABEL_LENGTH}"]
+    fault = token_fault(label, slots)
     if fault is not None:
         return [fault[1]]
     faults = []
-    for slot, tokens in zip(SLOTS, np.asarray(label).reshape(2, CONTEXT_LENGTH), strict=True):
+    for slot, tokens in zip(slots.labels(), label.reshape(-1, CONTEXT_LENGTH), strict=True):
         if not tokens.any():
             continue  # an empty text: all padding
         if tokens[0] != START_OF_TEXT:
@@ -111,41 +191,53 @@ def label_faults(label: np.ndarray) -> list[str]:
     return faults
 
 
-def decode_label(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32[..., 154] label -> (raw tokens, caption tokens) as int64 [..., 77] each.
+def decode_label(label: np.ndarray, slots: TextSlots | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [..., 77 * (1 + K)] label -> (raw tokens [..., 77], caption tokens) as int64, the captions
+    [..., 77] when K = 1 (the release's layout), [..., K, 77] otherwise.
 
-    Raises TokenError (naming the row and the token) when a value is not a token id.
+    K comes from `slots`, else from the label's width. Raises ValueError on a width that does not fit,
+    TokenError (naming the row and the token) when a value is not a token id.
     """
     label = np.asarray(label)
-    if label.shape[-1] != LABEL_LENGTH:
-        raise ValueError(f"label has {label.shape[-1]} values, expected {LABEL_LENGTH} (77 raw + 77 caption tokens)")
-    fault = token_fault(label)
+    slots = _slots_of(label.shape[-1], slots)
+    if slots is None or label.shape[-1] != slots.label_length:
+        want = f"{slots.label_length} ({slots.describe()})" if slots else f"{LABEL_LENGTH} (77 raw + 77 caption tokens)"
+        raise ValueError(f"label has {label.shape[-1]} values, expected {want}")
+    fault = token_fault(label, slots)
     if fault is not None:
         raise TokenError(fault[1], fault[0])
     tokens = np.rint(label).astype(np.int64)
-    return tokens[..., :CONTEXT_LENGTH], tokens[..., CONTEXT_LENGTH:]
+    raw, captions = tokens[..., :CONTEXT_LENGTH], tokens[..., CONTEXT_LENGTH:]
+    if slots.num_captions == 1:
+        return raw, captions
+    return raw, captions.reshape(*captions.shape[:-1], slots.num_captions, CONTEXT_LENGTH)
 
 
 def make_record(key: int, jpeg: bytes, raw_tokens: np.ndarray, caption_tokens: np.ndarray) -> bytes:
-    return pack(IRHeader(LABEL_LENGTH, encode_label(raw_tokens, caption_tokens), key, 0), jpeg)
+    """One record; `caption_tokens` [77] (the release's 154-float label) or [K, 77] (K caption slots)."""
+    label = encode_label(raw_tokens, caption_tokens)
+    return pack(IRHeader(label.size, label, key, 0), jpeg)
 
 
-def split_record(record: bytes) -> tuple[int, np.ndarray, bytes]:
-    """Record bytes -> (key, float32 label [154], image bytes), the label unchecked (see `label_faults`)."""
+def split_record(record: bytes, slots: TextSlots | None = None) -> tuple[int, np.ndarray, bytes]:
+    """Record bytes -> (key, float32 label [77 * (1 + K)], image bytes), the label unchecked (see
+    `label_faults`). Its length must be `slots.label_length`, or any 77 x (1 + K) without `slots`."""
     header, payload = unpack(record)
-    if header.flag != LABEL_LENGTH:
-        raise RecordIOError(f"record key {header.id}: label has {header.flag} floats, expected {LABEL_LENGTH}")
+    expected = slots.label_length if slots is not None else None
+    if header.flag != expected and (expected is not None or _slots_of(header.flag, None) is None):
+        want = expected if expected is not None else f"{LABEL_LENGTH} (or 77 x (1 + K) with K caption slots)"
+        raise RecordIOError(f"record key {header.id}: label has {header.flag} floats, expected {want}")
     return header.id, header.label, payload
 
 
-def parse_record(record: bytes) -> tuple[int, np.ndarray, np.ndarray, bytes]:
-    """Record bytes -> (key, raw tokens [77], caption tokens [77], JPEG bytes).
+def parse_record(record: bytes, slots: TextSlots | None = None) -> tuple[int, np.ndarray, np.ndarray, bytes]:
+    """Record bytes -> (key, raw tokens [77], caption tokens [77] or [K, 77] (see `decode_label`), JPEG bytes).
 
     Raises RecordIOError naming the record key when the label holds a value that is not a token id.
     """
-    key, label, payload = split_record(record)
+    key, label, payload = split_record(record, slots)
     try:
-        raw, cap = decode_label(label)
+        raw, cap = decode_label(label, slots)
     except TokenError as e:
         raise RecordIOError(f"record key {key}: {e}") from None
     return key, raw, cap, payload
@@ -169,13 +261,20 @@ class DatasetMeta:
     layout: dict[str, Any] = field(default_factory=lambda: dict(LAYOUT))
     format: str = META_FORMAT
     version: int = META_VERSION
+    texts: list[str] | None = None  # the label's texts in order (TextSlots.names); None: K = 1, unnamed
 
     @property
     def num_records(self) -> int:
         return sum(s.records or 0 for s in self.shards)
 
+    @property
+    def slots(self) -> TextSlots:
+        return TextSlots(tuple(self.texts)) if self.texts is not None else TextSlots()
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.texts is None:
+            del d["texts"]  # as every meta JSON written before K caption slots existed
         d["num_records"] = self.num_records
         return d
 
@@ -200,11 +299,18 @@ def read_meta(path: str | Path) -> DatasetMeta:
         shards = [ShardInfo(**s) for s in d["shards"]]
     except (KeyError, TypeError) as e:  # a hand-edited file: no "shards", or unknown fields in one
         raise RecordIOError(f"{path}: the shard list is not valid ({type(e).__name__}: {e})") from None
+    texts = d.get("texts")
+    if texts is not None:
+        try:
+            TextSlots(tuple(texts) if isinstance(texts, list) else ())
+        except ValueError as e:
+            raise RecordIOError(f'{path}: "texts" is not valid: {e}') from None
     return DatasetMeta(
         shards=shards,
         tokenizer=d.get("tokenizer", {}),
         source=d.get("source", {}),
         layout=d.get("layout", dict(LAYOUT)),
+        texts=texts,
     )
 
 
@@ -214,8 +320,14 @@ def resolve_shards(spec: str | Path | list[str | Path]) -> list[ShardInfo]:
     Accepts a meta JSON, a directory holding exactly one meta JSON, a glob of `.rec` files, a single
     `.rec` (the original release's layout, `.idx` beside it), or a list of any of these.
     """
+    return [info for info, _ in resolve_dataset(spec)]
+
+
+def resolve_dataset(spec: str | Path | list[str | Path]) -> list[tuple[ShardInfo, TextSlots | None]]:
+    """`resolve_shards`, each shard with the texts its meta JSON names (K = 1 for a meta JSON without
+    "texts"), or None for a shard without meta JSON (`probe_slots` reads its records' label length)."""
     if isinstance(spec, (list, tuple)):
-        return [s for item in spec for s in resolve_shards(item)]
+        return [pair for item in spec for pair in resolve_dataset(item)]
     text = str(spec)
     path = Path(text)
     if path.is_dir():
@@ -229,10 +341,12 @@ def resolve_shards(spec: str | Path | list[str | Path]) -> list[ShardInfo]:
         if not path.is_file():
             raise FileNotFoundError(f"shard meta not found: {path}")
         base = path.parent
+        meta = read_meta(path)
         shards = []
-        for s in read_meta(path).shards:
+        for s in meta.shards:
             texts = str(base / s.texts) if s.texts else None
-            shards.append(ShardInfo(str(base / s.rec), str(base / s.idx), s.records, s.bytes, s.sha256, texts))
+            info = ShardInfo(str(base / s.rec), str(base / s.idx), s.records, s.bytes, s.sha256, texts)
+            shards.append((info, meta.slots))
         if not shards:
             raise RecordIOError(f"{path} lists no shards")
         return shards
@@ -248,8 +362,43 @@ def resolve_shards(spec: str | Path | list[str | Path]) -> list[ShardInfo]:
         for p in (rec_path, idx_path):
             if not p.is_file():
                 raise FileNotFoundError(f"shard file missing: {p}")
-        out.append(ShardInfo(str(rec_path.resolve()), str(idx_path.resolve())))
+        out.append((ShardInfo(str(rec_path.resolve()), str(idx_path.resolve())), None))
     return out
+
+
+def probe_slots(info: ShardInfo) -> TextSlots | None:
+    """The texts of a shard without meta JSON, from its first record's label length, with default names
+    (TextSlots.for_width). None when it has no records or that record cannot tell: a damaged shard is
+    the preflight's to report, naming what is wrong."""
+    try:
+        with open(info.idx, encoding="ascii") as f:
+            first = next((line for line in f if line.strip()), None)
+        if first is None:
+            return None
+        key, offset = (int(x) for x in first.split("\t")[:2])
+        with RecordIOReader(info.rec, info.idx, read_index=False) as reader:
+            header, _ = unpack(reader.read_at(offset, what=f"record key {key}"))
+        return TextSlots.for_width(header.flag)
+    except (OSError, ValueError):  # RecordIOError is a ValueError
+        return None
+
+
+def agreed_slots(resolved: list[tuple[ShardInfo, TextSlots | None]]) -> TextSlots:
+    """The texts every shard's labels hold: from its meta JSON, else from its first record. A shard
+    that disagrees with the first is an error naming both (one dataset, one label layout)."""
+    first: tuple[ShardInfo, TextSlots] | None = None
+    for info, slots in resolved:
+        slots = slots if slots is not None else probe_slots(info)
+        if slots is None:
+            continue  # no records: nothing to agree on (and skipped later)
+        if first is None:
+            first = info, slots
+        elif slots != first[1]:
+            raise RecordIOError(
+                f"{info.rec}: records have {slots.describe()}, but {first[0].rec} has {first[1].describe()}: "
+                "the shards of one dataset must hold the same texts"
+            )
+    return first[1] if first is not None else TextSlots()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,17 +433,18 @@ def _checksum_mismatch(info: ShardInfo, size: int) -> str | None:
     return None
 
 
-def deep_check_shard(info: ShardInfo, keep: int = 10) -> DeepCheck:
+def deep_check_shard(info: ShardInfo, keep: int = 10, slots: TextSlots | None = None) -> DeepCheck:
     """Everything the full framing check leaves out, for one shard: its sha256 and size against the
     meta JSON, every label (`label_faults`) and every image, fully decoded as data2rec did
     before writing it (alip.data.images.open_image). Reads the whole shard.
 
-    Framing faults raise RecordIOError (`check_shard` runs first); content faults are counted,
-    the first `keep` kept with their record keys.
+    Framing faults raise RecordIOError (`check_shard` runs first, every label `slots.label_length`
+    floats: K = 1 by default); content faults are counted, the first `keep` kept with their record keys.
     """
     from alip.data.images import BadImage, open_image  # PIL: only the deep check decodes
 
-    shard = check_shard(info.rec, info.idx, LABEL_LENGTH, info.records)
+    slots = slots if slots is not None else TextSlots()
+    shard = check_shard(info.rec, info.idx, slots.label_length, info.records)
     if info.sha256 is None:
         result = DeepCheck(shard, "not verified: no checksum (no meta JSON, or none in it)")
     else:
@@ -306,8 +456,8 @@ def deep_check_shard(info: ShardInfo, keep: int = 10) -> DeepCheck:
     with RecordIOReader(shard.rec_path, shard.idx_path) as reader:
         for key, record in reader:
             where = f"{shard.rec_path}: record key {key}"
-            _, label, image = split_record(record)
-            for fault in label_faults(label):
+            _, label, image = split_record(record, slots)
+            for fault in label_faults(label, slots):
                 result.add(f"{where}: {fault}", keep)
             try:
                 open_image(image)

@@ -60,6 +60,8 @@ class SourceSample:
     row_group: int = -1  # its row group, -1 when nothing is read later
     row: int = -1  # the row's index inside that row group
     input_row: int = -1  # the row's number over all inputs (a --tokens-npy row), -1 for tar members
+    # records with K > 1 caption slots: the captions of slots 2..K (None: none yet, or from a sidecar)
+    more_captions: list[str | None] | None = None
 
     @property
     def embedded(self) -> bool:
@@ -84,6 +86,19 @@ class BadRow:
     reason: str
 
 
+@dataclass(frozen=True)
+class CaptionSource:
+    """Where the captions of one slot of K > 1 come from: a manifest column (or img2dataset JSON field),
+    strings or token ids, or a caption sidecar as tools/caption.py writes it."""
+
+    name: str  # the slot's name in the meta JSON's "texts"
+    column: str | None = None
+    sidecar: Path | None = None
+
+    def describe(self) -> str:
+        return f"column {self.column}" if self.column else str(self.sidecar)
+
+
 @dataclass
 class Columns:
     image: str = "image"
@@ -92,9 +107,15 @@ class Columns:
     key: str | None = None
     tokens: str | None = None  # parquet column of 77-id texts end to end (a label's layout: raw text, caption, ...)
     token_slots: tuple[int, ...] | None = None  # which 77-id slots of `tokens` (or the .npy) are raw text, caption
+    # caption slots 2..K of records with K > 1 captions: the column of each (None: it comes from a sidecar)
+    more_captions: tuple[str | None, ...] = ()
 
     def required(self) -> list[str]:
-        return [c for c in (self.image, self.text, self.caption, self.key, self.tokens) if c]
+        return [c for c in (self.image, self.text, self.caption, self.key, self.tokens, *self.more_captions) if c]
+
+    def caption_columns(self) -> list[str]:
+        """The columns of every caption slot (for the checks that apply to each)."""
+        return [c for c in (self.caption, *self.more_captions) if c]
 
     def slots(self, width: int | None = None) -> tuple[int, ...]:
         """The slots to read from rows of `width` ids: as given, else raw text and caption (raw text alone
@@ -214,7 +235,7 @@ def manifest_samples(
         if missing:
             skips.append(Skip(where, f"missing field(s) {missing}"))
             continue
-        lists = [c for c in (columns.text, columns.caption) if c and isinstance(row[c], list)]
+        lists = [c for c in (columns.text, *columns.caption_columns()) if c and isinstance(row[c], list)]
         if lists:
             skips.append(Skip(where, f"token ids: {lists} hold lists; token ids are read from parquet or --tokens-npy"))
             continue
@@ -227,6 +248,7 @@ def manifest_samples(
                 caption=str(row[columns.caption]) if columns.caption else None,
                 path=rel,
                 input_row=row_number,
+                more_captions=[str(row[c]) if c else None for c in columns.more_captions] or None,
             )
         )
     if row_number < first_row:
@@ -234,8 +256,11 @@ def manifest_samples(
     return samples, skips
 
 
-def tar_samples(path: Path, caption_field: str | None = None) -> tuple[list[SourceSample], list[Skip]]:
-    """Samples of one img2dataset webdataset tar: `{key}.jpg` + `{key}.txt` (+ `{key}.json`).
+def tar_samples(
+    path: Path, caption_field: str | None = None, more_fields: tuple[str | None, ...] = ()
+) -> tuple[list[SourceSample], list[Skip]]:
+    """Samples of one img2dataset webdataset tar: `{key}.jpg` + `{key}.txt` (+ `{key}.json`, whose
+    `caption_field` is the caption, and `more_fields` those of caption slots 2..K; None: not from it).
 
     Images are not read here: only their offsets inside the tar, so a worker can read one image
     without scanning the tar again. Compressed tars cannot be addressed that way and are refused.
@@ -255,7 +280,7 @@ def tar_samples(path: Path, caption_field: str | None = None) -> tuple[list[Sour
                     entry["image"] = (member.offset_data, member.size)
                 elif ext == ".txt":
                     entry["text"] = tar.extractfile(member).read().decode("utf-8", errors="replace")
-                elif ext == ".json" and caption_field:
+                elif ext == ".json" and (caption_field or any(more_fields)):
                     entry["json"] = json.loads(tar.extractfile(member).read() or b"{}")
     except tarfile.TarError as e:
         raise InputError(f"{path}: not a readable tar: {e}") from None
@@ -267,14 +292,20 @@ def tar_samples(path: Path, caption_field: str | None = None) -> tuple[list[Sour
             missing = [k for k in ("image", "text") if k not in entry]
             skips.append(Skip(f"{path}:{key}", f"tar member(s) missing: {missing}"))
             continue
-        caption = entry.get("json", {}).get(caption_field) if caption_field else None
+        fields = entry.get("json", {})
+        caption = fields.get(caption_field) if caption_field else None
         offset, size = entry["image"]
-        samples.append(
-            SourceSample(key, str(path), entry["text"], caption, tar_offset=offset, size=size, mtime_ns=tar_mtime)
-        )
+        sample = SourceSample(key, str(path), entry["text"], caption, tar_offset=offset, size=size, mtime_ns=tar_mtime)
+        if more_fields:
+            sample.more_captions = [_json_text(fields.get(f)) if f else None for f in more_fields]
+        samples.append(sample)
     if not groups:
         raise InputError(f"{path}: the tar holds no samples")
     return samples, skips
+
+
+def _json_text(value) -> str | None:
+    return None if value is None else str(value)
 
 
 def read_caption_sidecar(path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -393,7 +424,7 @@ def _parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) -
             f"{path}: image column {columns.image!r} is {schema.field(columns.image).type}; expected image paths "
             "(string), image bytes (binary) or a {bytes, path} struct (tools/data2rec.py --show-schema lists them)"
         )
-    for col in (columns.text, columns.caption):
+    for col in (columns.text, *columns.caption_columns()):
         if col and col != columns.image and kinds[col] not in (TEXT, TOKEN_IDS):  # caption.py: text == image
             raise InputError(
                 f"{path}: text column {col!r} is {schema.field(col).type}; expected strings or token ids (list<int>)"
@@ -403,7 +434,8 @@ def _parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) -
             f"{path}: --tokens-col {columns.tokens!r} ({schema.field(columns.tokens).type}) must be a list of ids "
             "and gives the raw text itself (no --text-col with it)"
         )
-    deferred = {c for c in (columns.image, columns.text, columns.caption, columns.tokens) if c and kinds[c] != TEXT}
+    texts = (columns.image, columns.text, columns.tokens, *columns.caption_columns())
+    deferred = {c for c in texts if c and kinds[c] != TEXT}
     tokens_caption = columns.tokens and not columns.caption and len(columns.slots()) > 1
     cheap = list(dict.fromkeys(c for c in columns.required() if c not in deferred))
     embedded = image_kind in IMAGE_KINDS
@@ -431,6 +463,8 @@ def _parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) -
                 path=rel,
                 input_row=row_number,
             )
+            if columns.more_captions:
+                sample.more_captions = [_cheap_text(values, c, r) for c in columns.more_captions]
             if deferred:
                 sample.parquet, sample.row_group, sample.row = file, group, r
             if embedded:
@@ -529,6 +563,7 @@ class RowInputs:
     raw: str | np.ndarray = ""
     caption: str | np.ndarray | None = None
     error: str | None = None
+    more_captions: list[str | np.ndarray | None] | None = None  # caption slots 2..K, as `caption`
 
 
 def read_inputs(
@@ -537,7 +572,7 @@ def read_inputs(
     """The inputs of a shard's samples, in order. Parquet values are read one row group at a time
     (only the image and id columns); ids from `tokens` (a --tokens-npy array) by `input_row`.
     Image files and tar members are left to `read_image_bytes`, one at a time when written."""
-    out = [RowInputs(raw=s.raw_text, caption=s.caption) for s in samples]
+    out = [RowInputs(raw=s.raw_text, caption=s.caption, more_captions=_copy(s.more_captions)) for s in samples]
     groups: dict[tuple[str, int], list[int]] = {}
     for i, s in enumerate(samples):
         if s.row_group >= 0:
@@ -548,7 +583,9 @@ def read_inputs(
         schema = pf.schema_arrow
         wanted = [
             c
-            for c in dict.fromkeys((columns.image, columns.text, columns.caption, columns.tokens))
+            for c in dict.fromkeys(
+                (columns.image, columns.text, columns.caption, columns.tokens, *columns.more_captions)
+            )
             if c and column_kind(schema.field(c).type) != TEXT
         ]
         table = pf.read_row_group(group, columns=wanted)
@@ -590,6 +627,9 @@ def _place(inp: RowInputs, sample: SourceSample, col: str, kind: str, value, col
         for name, target in (("raw text", columns.text), ("caption", columns.caption)):
             if col == target and not _take_ids(inp, name, value, name):
                 return
+        for slot, target in enumerate(columns.more_captions):
+            if col == target and not _take_ids(inp, slot, value, f"caption column {col}"):
+                return
 
 
 def _place_label(inp: RowInputs, row: np.ndarray, slots: tuple[int, ...], what: str) -> None:
@@ -602,18 +642,25 @@ def _place_label(inp: RowInputs, row: np.ndarray, slots: tuple[int, ...], what: 
             return
 
 
-def _take_ids(inp: RowInputs, name: str, ids, what: str) -> bool:
-    """Checked ids into the raw text or caption slot of `inp`; a bad row sets `inp.error` (False)."""
+def _take_ids(inp: RowInputs, name: str | int, ids, what: str) -> bool:
+    """Checked ids into the raw text or caption (or, `name` an int, caption slot 2 + name) of `inp`;
+    a bad row sets `inp.error` (False)."""
     try:
         checked = check_token_ids(ids)
     except BadTokens as e:
         inp.error = f"bad token ids ({what}): {e}"
         return False
-    if name == "raw text":
+    if isinstance(name, int):
+        inp.more_captions[name] = checked
+    elif name == "raw text":
         inp.raw = checked
     else:
         inp.caption = checked
     return True
+
+
+def _copy(values: list | None) -> list | None:
+    return list(values) if values is not None else None
 
 
 # ---------------------------------------------------------------- --show-schema

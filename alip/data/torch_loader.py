@@ -4,6 +4,7 @@ Same batch contract as alip.data.dali.DaliLoader,
 
     {"image": float32 [B, 3, H, W], "text": int64 [B, 77], "caption": int64 [B, 77]},
 
+the caption [B, K, 77] for records with K > 1 caption slots (schema.TextSlots, from the meta JSON),
 same epoch semantics (iterating runs the rest of the current epoch; `len` = steps per epoch, equal
 on every rank) and the same state_dict shape. It is what runs where DALI is not installed, and the
 baseline for benchmarks/loader_throughput.py.
@@ -122,8 +123,12 @@ class RecordDataset(Dataset):
     would share its file offset between workers, and their seeks would race.
     """
 
-    def __init__(self, shards: list[ShardCheck], config: LoaderConfig | None, train: bool) -> None:
+    def __init__(
+        self, shards: list[ShardCheck], config: LoaderConfig | None, train: bool, slots: schema.TextSlots | None = None
+    ) -> None:
+        """slots: the texts every label must hold (prepare_dataset's); None: each record's own (77 x (1 + K))."""
         self.shards = shards
+        self.slots = slots
         # config None: no transform; callers read decoded records with `read` (alip score does)
         self.transform = build_transform(config, train) if config is not None else None
         # [N] shard number and byte offset of every record, from the .idx files only (parsed by NumPy:
@@ -151,7 +156,7 @@ class RecordDataset(Dataset):
         return int(self._shard_ids[index])
 
     def read(self, index: int) -> tuple[int, np.ndarray, np.ndarray, Image.Image]:
-        """Record `index` as (key, raw-text tokens [77], caption tokens [77], RGB image).
+        """Record `index` as (key, raw-text tokens [77], caption tokens [77] or [K, 77], RGB image).
 
         A record the preflight cannot see is damaged (a label value that is not a token id, an
         image that does not decode) raises RecordIOError naming the shard and the record key.
@@ -160,7 +165,7 @@ class RecordDataset(Dataset):
         rec_path = self.shards[shard_id].rec_path
         record = self._reader(shard_id).read_at(offset, what=f"record {index}")
         try:
-            key, raw, caption, jpeg = schema.parse_record(record)
+            key, raw, caption, jpeg = schema.parse_record(record, self.slots)
             image = open_image(jpeg).convert("RGB")  # grayscale and CMYK JPEGs too
         except RecordIOError as e:
             raise RecordIOError(f"{rec_path}: {e}; {schema.DEEP_CHECK_HINT}") from None
@@ -182,7 +187,7 @@ class RecordDataset(Dataset):
         return {
             "image": pixels,  # [3, H, W] float32
             "text": torch.from_numpy(raw),  # [77] int64
-            "caption": torch.from_numpy(caption),  # [77] int64
+            "caption": torch.from_numpy(caption),  # [77] int64, [K, 77] with K caption slots
         }
 
     def close(self) -> None:
@@ -333,8 +338,9 @@ class TorchLoader:
     ) -> None:
         self.config = config
         self.train = train
-        self.rank, self.world_size, self.device, self.shards = place_loader(shards, config, rank, world_size, device)
-        self.dataset = RecordDataset(self.shards, config, train)
+        placed = place_loader(shards, config, rank, world_size, device)
+        self.rank, self.world_size, self.device, self.shards, self.slots = placed
+        self.dataset = RecordDataset(self.shards, config, train, self.slots)
         self.num_records = len(self.dataset)
         self.mode = config.epoch_mode(train)
         self.sampler = EpochSampler(
@@ -398,11 +404,12 @@ class TorchLoader:
         self.excluded = []
 
     def _empty_batch(self) -> dict[str, torch.Tensor]:
-        size, tokens = self.config.image_size, schema.CONTEXT_LENGTH
+        size, tokens, k = self.config.image_size, schema.CONTEXT_LENGTH, self.slots.num_captions
         return {
             "image": torch.zeros(0, 3, size, size, device=self.device),  # [0, 3, H, W]
             "text": torch.zeros(0, tokens, dtype=torch.int64, device=self.device),  # [0, 77]
-            "caption": torch.zeros(0, tokens, dtype=torch.int64, device=self.device),  # [0, 77]
+            # [0, 77], or [0, K, 77] with K caption slots
+            "caption": torch.zeros(0, *((k,) if k > 1 else ()), tokens, dtype=torch.int64, device=self.device),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -81,10 +81,25 @@ def build_loader(cfg: Config, shape: RunShape, device: torch.device) -> Any:
     if d.loader == "dali":
         from alip.data.dali import DaliLoader  # DALI only where it is asked for
 
-        return DaliLoader(d.train, config, train=True, device=device)
-    from alip.data.torch_loader import TorchLoader
+        loader = DaliLoader(d.train, config, train=True, device=device)
+    else:
+        from alip.data.torch_loader import TorchLoader
 
-    return TorchLoader(d.train, config, train=True, device=device)
+        loader = TorchLoader(d.train, config, train=True, device=device)
+    refuse_caption_slots(loader, d.train)
+    return loader
+
+
+def refuse_caption_slots(loader: Any, spec: Any) -> None:
+    """Stop before step 0 on records with K > 1 caption slots: the loss takes one caption per sample, and
+    [B, K, 77] captions would otherwise meet it with no objective over several sources (issue 14, part 2)."""
+    slots = loader.slots
+    if slots.num_captions > 1:
+        loader.close()
+        raise ConfigError(
+            f"data.train {spec}: records have {slots.num_captions} caption slots {list(slots.captions)}; "
+            "training on several caption sources is not supported yet (pack one caption per record for now)"
+        )
 
 
 def scaler_state(saved: dict[str, Any], growth_interval: int) -> dict[str, Any]:
