@@ -26,12 +26,15 @@ similarities stand in for it (reported as "ema_source": "dataset_mean").
 #   truth.py    ground-truth flags, ROC-AUC, the truth part of the summary
 #   core.py     score_shards: the steps in order
 #   command.py  the command line (alip-score, python -m alip.score)
-#   filter.py   RESERVED: the filter built on these scores (being written now as alip/filter.py)
-#               belongs here; re-export its public names below with the others.
+#   filter_rule.py  the filter's rule, pure: which records a --keep-fraction / --min-weight / auto keeps
+#   filter.py       alip-filter: match scores to shards, copy the kept records, the meta and reports
+#   filter_command.py  its command line (alip-filter, python -m alip.filter)
 
 from alip.score.command import EPILOG, build_parser, cli, format_summary, main
 from alip.score.common import ScoreInputError
 from alip.score.core import score_shards
+from alip.score.filter import FilterReport, filter_shards
+from alip.score.filter_rule import FilterInputError, Rule
 from alip.score.ranking import BASE_COLUMNS, RANKING, SIMILARITIES, ScoreResult, default_summary_path
 from alip.score.signals import EMA_NAMES
 from alip.score.truth import TRUTH_COLUMNS, parse_noisy, read_truth, roc_auc
@@ -46,7 +49,10 @@ __all__ = [
     "BASE_COLUMNS",
     "EMA_NAMES",
     "EPILOG",
+    "FilterInputError",
+    "FilterReport",
     "RANKING",
+    "Rule",
     "SIMILARITIES",
     "TRUTH_COLUMNS",
     "ScoreInputError",
@@ -54,6 +60,7 @@ __all__ = [
     "build_parser",
     "cli",
     "default_summary_path",
+    "filter_shards",
     "format_summary",
     "main",
     "parse_noisy",
