@@ -83,7 +83,7 @@ def records_by_key(meta: Path) -> dict[int, bytes]:
     out = {}
     for shard in json.loads(meta.read_text())["shards"]:
         with RecordIOReader(meta.parent / shard["rec"], meta.parent / shard["idx"]) as reader:
-            out.update(dict(reader))
+            out.update(dict(iter(reader)))
     return out
 
 
