@@ -387,3 +387,37 @@ def test_token_id_columns_fill_a_slot(tmp_path):
     ]
     assert all(e["captions_decoded"] == {"blip": False, "llm": True} for e in entries)
     assert {e["captions"]["llm"] for e in entries} == {r["caption_llm"] for r in rows()}
+
+
+def test_the_published_yfcc15m_form_gives_named_slots_from_the_token_column(tmp_path):
+    """The hub release's `texts`: raw text, OFA caption and LLM description end to end, 231 ids a row;
+    --token-slots 0,ofa=1,llm=2 packs all three (K = 2)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [[f"raw {i}", f"ofa caption {i}", f"llm description {i}"] for i in range(4)]
+    rows = [
+        {"images": {"bytes": jpeg_bytes(photo(PHOTOS[i])[::8, ::8])}, "texts": sum((ids(t) for t in texts[i]), [])}
+        for i in range(4)
+    ]
+    schema_ = pa.schema([("images", pa.struct([("bytes", pa.binary())])), ("texts", pa.list_(pa.int64()))])
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema_), path, row_group_size=2)
+    out = tmp_path / "out"
+    args = [path, "--image-col", "images", "--tokens-col", "texts", "--token-slots", "0,ofa=1,llm=2"]
+    res = run_tool("tools/data2rec.py", *args, "--out-dir", out, "--workers", "1", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((out / "train.meta.json").read_text())
+    assert meta["texts"] == ["raw", "ofa", "llm"] and meta["num_records"] == 4
+    checks, slots = prepare_dataset(out / "train.meta.json")
+    from alip.data.recordio import RecordIOReader
+
+    with RecordIOReader(checks[0].rec_path, checks[0].idx_path) as reader:
+        for _, record in reader:
+            _, raw, caps, _ = schema.parse_record(record, slots)
+            i = int(TOKENIZER.decode(raw[1:3].tolist()).split()[-1])
+            assert raw.tolist() == ids(texts[i][0]) and caps.tolist() == [ids(t) for t in texts[i][1:]]
+    entry = json.loads(Path(schema.resolve_shards(out / "train.meta.json")[0].texts).read_text().splitlines()[0])
+    assert entry["captions_decoded"] == {"ofa": True, "llm": True} and entry["captions"]["llm"].startswith("llm")
+    res = run_tool("tools/data2rec.py", *args[:-1], "0,1,2", "--out-dir", tmp_path / "o2")
+    assert res.returncode == 2 and "name each" in res.stderr

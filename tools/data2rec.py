@@ -25,7 +25,8 @@ as often as needed: --caption-col blip=caption_blip --caption-col llm=caption_ll
 ofa=ofa_caps.jsonl (columns, img2dataset JSON fields or tools/caption.py sidecars, in any mix).
 Each record's label then holds 77 x (1 + K) token ids, the raw text first, then the captions in
 the order given; the meta JSON names them ("texts": ["raw", "blip", "llm", "ofa"]) and each texts
-sidecar entry gets "captions": {name: string}. A token-id column works as a slot's source too. A
+sidecar entry gets "captions": {name: string}. A token-id column works as a slot's source too, and
+--token-slots 0,ofa=1,llm=2 takes named caption slots from --tokens-col/--tokens-npy. A
 sample missing one of its captions is skipped as a missing caption is, the reason naming the
 slot ("no llm caption for this sample"). Without names, one --caption-col and/or one --captions
 give the single caption of the release's 154-float layout, exactly as before.
@@ -114,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--token-slots",
         help="which 77-id texts of --tokens-col/--tokens-npy are the raw text and the caption, e.g. 0,2 "
-        "(default: 0,1; 0 for a 77-wide .npy)",
+        "(default: 0,1; 0 for a 77-wide .npy); named caption slots give K of them: 0,ofa=1,llm=2",
     )
     p.add_argument(
         "--tokens-npy",
@@ -157,15 +158,14 @@ def main(argv=None) -> int:
     if args.out_dir is None:
         raise sources.InputError("--out-dir is required (or --show-schema to only look at the inputs)")
     text_col = args.text_col if args.text_col is not None else (None if args.tokens_npy or args.tokens_col else "text")
-    slots = None
-    if args.token_slots is not None:
-        try:
-            slots = tuple(int(x) for x in args.token_slots.split(","))
-        except ValueError:
-            slots = ()
-        if not 1 <= len(slots) <= 2 or min(slots) < 0:
-            raise sources.InputError(f"--token-slots {args.token_slots!r}: give one or two slot numbers, e.g. 0,1")
+    slots, slot_names = token_slots(args.token_slots)
     caption_col, captions, caption_name, more_captions = caption_slots(args.caption_sources or [])
+    if len(slot_names) > 1:  # K > 1 caption slots, all from the token ids
+        if args.caption_sources:
+            raise sources.InputError("--token-slots names several caption slots: no --caption-col/--captions with it")
+        caption_name, more_captions = slot_names[0], tuple(CaptionSource(n) for n in slot_names[1:])
+    elif slot_names and slot_names[0] and not args.caption_sources:
+        caption_name = slot_names[0]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("alip").setLevel(logging.INFO)  # ours; open_clip's INFO lines are noise here
     opts = ConvertOptions(
@@ -197,6 +197,26 @@ def main(argv=None) -> int:
     )
     print(f"meta: {report.meta_path}")
     return 0
+
+
+def token_slots(spec: str | None) -> tuple[tuple[int, ...] | None, list[str | None]]:
+    """--token-slots RAW[,CAPTION] or RAW,NAME=I,NAME=J,...: (slot numbers, caption slot names, None where unnamed)."""
+    if spec is None:
+        return None, []
+    numbers, names = [], []
+    for i, item in enumerate(spec.split(",")):
+        name, sep, number = item.rpartition("=")
+        if (sep and (i == 0 or not _SLOT_NAME.match(name))) or not number.strip().isdigit():
+            raise sources.InputError(
+                f"--token-slots {spec!r}: give the raw text's slot number, then the caption's (0,1), or named "
+                "caption slots (0,ofa=1,llm=2)"
+            )
+        numbers.append(int(number))
+        if i:
+            names.append(name or None)
+    if len(names) > 1 and not all(names):
+        raise sources.InputError(f"--token-slots {spec!r}: with several caption slots, name each (0,ofa=1,llm=2)")
+    return tuple(numbers), names
 
 
 def _named(kind: str, value: str) -> tuple[str | None, str]:

@@ -91,8 +91,14 @@ class ConvertOptions:
             raise InputError(f"caption slots: {e}") from None
         if schema.RAW_NAME in self.texts[1:]:
             raise InputError(f"a caption slot cannot be named {schema.RAW_NAME!r}: it names the raw text")
-        # the readers take the later slots' columns with the others (None: a sidecar slot)
+        # the readers take the later slots' columns with the others (None: a sidecar or token-id slot)
         self.columns = replace(self.columns, more_captions=tuple(c.column for c in self.more_captions))
+        from_ids = [c.name for c in self.more_captions if c.column is None and c.sidecar is None]
+        if from_ids and (len(from_ids) != len(self.more_captions) or len(self.columns.slots()) != len(self.texts)):
+            raise InputError(
+                f"caption slots {from_ids} come from token ids: then every caption slot does, one --token-slots "
+                "entry each (e.g. --token-slots 0,ofa=1,llm=2)"
+            )
         if self.shard_records < 1:
             raise InputError(f"shard_records must be >= 1, got {self.shard_records}")
         if self.shard_bytes is not None and self.shard_bytes < 1:
@@ -257,8 +263,13 @@ def _join_captions(samples: list[SourceSample], opts: ConvertOptions) -> tuple[l
 
 
 def _join_more_captions(samples: list[SourceSample], opts: ConvertOptions) -> None:
-    """Caption slots 2..K that come from sidecars, joined by key or path as the first slot's."""
+    """Caption slots 2..K that come from sidecars, joined by key or path as the first slot's (and those
+    read from token ids when the shard is written: present for every sample, as the first slot's)."""
     for slot, source in enumerate(opts.more_captions):
+        if source.column is None and source.sidecar is None:
+            for s in samples:
+                s.more_captions[slot] = ""
+            continue
         if source.sidecar is None:
             continue
         by_key, by_path = read_caption_sidecar(source.sidecar)

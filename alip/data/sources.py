@@ -93,10 +93,12 @@ class CaptionSource:
 
     name: str  # the slot's name in the meta JSON's "texts"
     column: str | None = None
-    sidecar: Path | None = None
+    sidecar: Path | None = None  # neither: a slot of the token ids (--tokens-col / --tokens-npy, Columns.token_slots)
 
     def describe(self) -> str:
-        return f"column {self.column}" if self.column else str(self.sidecar)
+        if self.column:
+            return f"column {self.column}"
+        return str(self.sidecar) if self.sidecar else "token ids (--tokens-col / --tokens-npy)"
 
 
 @dataclass
@@ -633,12 +635,15 @@ def _place(inp: RowInputs, sample: SourceSample, col: str, kind: str, value, col
 
 
 def _place_label(inp: RowInputs, row: np.ndarray, slots: tuple[int, ...], what: str) -> None:
-    """Raw text (and caption) ids from a row of 77-id texts end to end, slots[0] and slots[1]."""
+    """Raw text (and caption) ids from a row of 77-id texts end to end, slots[0] and slots[1]; slots[2:] are
+    caption slots 2..K of records with K > 1 captions."""
     if row.ndim != 1 or row.shape[0] % CONTEXT_LENGTH or row.shape[0] < CONTEXT_LENGTH * (max(slots) + 1):
         inp.error = f"bad token ids ({what}): {row.shape[0]} ids, not 77-id texts covering slot(s) {list(slots)}"
         return
-    for name, slot in zip(("raw text", "caption"), slots, strict=False):
-        if not _take_ids(inp, name, row[slot * CONTEXT_LENGTH : (slot + 1) * CONTEXT_LENGTH], f"{name}, {what}"):
+    targets = ("raw text", "caption", *range(len(slots) - 2))  # an int: caption slot 2 + it
+    for name, slot in zip(targets, slots, strict=False):
+        label = name if isinstance(name, str) else f"caption {name + 2}"
+        if not _take_ids(inp, name, row[slot * CONTEXT_LENGTH : (slot + 1) * CONTEXT_LENGTH], f"{label}, {what}"):
             return
 
 

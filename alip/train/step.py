@@ -55,9 +55,10 @@ def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, to
 
 
 def _forward(net: nn.Module, micro: dict[str, torch.Tensor], use_caption: bool) -> dict[str, torch.Tensor]:
-    if micro["caption"].dim() == 3:  # [B, K, 77]: build_loader refuses such data; a direct caller gets told too
+    caption = micro.get("caption")
+    if caption is not None and caption.dim() == 3:  # [B, K, 77]: build_loader refuses such data; so does this
         raise ValueError(
-            f"records have {micro['caption'].shape[1]} caption slots (captions [B, K, 77]); training on several "
+            f"records have {caption.shape[1]} caption slots (captions [B, K, 77]); training on several "
             "caption sources is not supported yet"
         )
     out = net(micro["image"], micro["text"], micro["caption"] if use_caption else None)
