@@ -21,6 +21,9 @@ imports). The time is extrapolated along the log-log slope between the two large
   - score:   `alip score`'s ranking: read the texts sidecars, gate weights, rank, write the CSV
              (the model's forward pass is not included: it is per record and runs on the GPU);
   - merge:   the caption tool's merge of 8 part files into the final sidecar (alip.caption.sidecar).
+  - filter:  `alip-filter --keep-fraction 0.7` from a scores CSV: read it, match it to the shards (and
+             their texts sidecars' sample keys), copy the kept records, write the dropped report and meta.
+             The records are tiny, so the copy here is cheap: on real data it moves the kept bytes.
 
 Inputs are synthetic: one tiny JPEG reused for every record, texts of YFCC-like length, image paths
 that do not exist (stat fails fast, as it would not on a real filesystem).
@@ -58,6 +61,7 @@ STAGES = (
     "dali_start",
     "score",
     "merge",
+    "filter",
 )
 SHARDS = 100  # shards per dataset, whatever its size (YFCC15M at 10k records per shard has 1500)
 TARGETS = (15_000_000, 100_000_000)
@@ -276,6 +280,44 @@ def _score_stage(name: str, n: int, folder: Path, mark: dict) -> None:
     _score(n, folder, mark)
 
 
+def _scores_csv(n: int, folder: Path) -> Path:
+    """A scores CSV in alip-score's columns for the shards of `make_inputs` (made once, not timed)."""
+    import csv
+
+    from alip.score import BASE_COLUMNS
+
+    path = folder / "scores.csv"
+    if path.exists():
+        return path
+    rng = np.random.default_rng(0)
+    tmp = path.with_name("scores.csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(BASE_COLUMNS)
+        for key in range(n):
+            s = rng.uniform(-0.1, 0.5, size=3)
+            w = np.minimum(np.exp(s - 0.2), 1.0)
+            writer.writerow([key + 1, key, f"k{key}", *w, *s, _text(key, 12), _text(key, 10)])
+    os.replace(tmp, path)
+    return path
+
+
+def _filter_stage(name: str, n: int, folder: Path, mark: dict) -> None:
+    import shutil
+
+    from alip.score import Rule, filter_shards
+
+    scores = _scores_csv(n, folder)
+    out = folder / "filtered"
+    shutil.rmtree(out, ignore_errors=True)
+    mark["base"] = _rss()
+    t0 = time.perf_counter()
+    report = filter_shards(scores, folder / "train.meta.json", out, Rule(keep_fraction=0.7), progress=False)
+    mark["seconds"] = time.perf_counter() - t0
+    assert report.kept == round(0.7 * n), report
+    shutil.rmtree(out)
+
+
 # Each stage's names and the function that runs it (in a child process, see `stage`).
 RUNNERS = (
     (("index", "join", "plan"), _data2rec_stage),
@@ -284,6 +326,7 @@ RUNNERS = (
     (("dali_start",), _dali_start_stage),
     (("score",), _score_stage),
     (("merge",), _merge_stage),
+    (("filter",), _filter_stage),
 )
 
 
