@@ -33,14 +33,14 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from alip.data import schema
-from alip.data.recordio import RecordIOReader, RecordIOWriter
+from alip.data.recordio import RecordIOReader, read_idx_arrays
 from alip.files import FolderLock, sha256_file, write_json_atomic
 from alip.score.filter_rule import SIGNALS, FilterInputError, Rule, combined_signal, decide
 
@@ -58,38 +58,44 @@ class Scores:
 
     path: Path
     record_key: np.ndarray  # int64 [N]
-    sample_key: list[str]
+    sample_key: Any  # pyarrow StringArray [N], or None without the column
     signals: dict[str, np.ndarray]  # float64 [N] per column of SIGNALS
     sha256: str
 
 
 def read_scores(path: Path) -> Scores:
-    """Read the columns of an `alip-score` CSV the filter needs; a clear error names the row at fault."""
+    """Read the columns of an `alip-score` CSV the filter needs, columnar (pyarrow.csv: a 15M-row CSV
+    would be tens of millions of Python objects through the csv module)."""
+    import pyarrow as pa
+    from pyarrow import csv as pacsv
+
     if not path.is_file():
         raise FileNotFoundError(f"scores CSV not found: {path}")
-    keys, sample_keys, values = [], [], {name: [] for name in SIGNALS}
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("record_key", *SIGNALS) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise FilterInputError(f"{path} is not an alip-score CSV: no column(s) {', '.join(missing)}")
-        for row in reader:
-            try:
-                keys.append(int(row["record_key"]))
-                for name in SIGNALS:
-                    values[name].append(float(row[name]))
-            except (TypeError, ValueError):
-                raise FilterInputError(
-                    f"{path}: row {reader.line_num}: a record_key or score is not a number"
-                ) from None
-            sample_keys.append(row.get("sample_key") or "")
-    if not keys:
+        header = next(csv.reader(f), [])
+    missing = [c for c in ("record_key", *SIGNALS) if c not in header]
+    if missing:
+        raise FilterInputError(f"{path} is not an alip-score CSV: no column(s) {', '.join(missing)}")
+    types = {"record_key": pa.int64(), "sample_key": pa.string(), **{name: pa.float64() for name in SIGNALS}}
+    columns = [c for c in types if c in header]
+    try:
+        table = pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),  # captions may hold newlines
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # "CSV conversion error ... row N" or a ragged row
+        raise FilterInputError(f"{path}: {str(e).splitlines()[0]}") from None
+    if table.num_rows == 0:
         raise FilterInputError(f"{path} holds no scored records")
-    record_key = np.asarray(keys, dtype=np.int64)
-    signals = {name: np.asarray(v, dtype=np.float64) for name, v in values.items()}
+    if any(table[c].null_count for c in ("record_key", *SIGNALS)):
+        raise FilterInputError(f"{path}: a record_key or score is empty")
+    record_key = table["record_key"].to_numpy()
     if len(np.unique(record_key)) != len(record_key):
         raise FilterInputError(f"{path}: a record_key appears more than once; is it two score files joined?")
-    return Scores(path, record_key, sample_keys, signals, sha256_file(path))
+    sample_key = table["sample_key"].combine_chunks() if "sample_key" in columns else None
+    signals = {name: table[name].to_numpy().astype(np.float64) for name in SIGNALS}
+    return Scores(path, record_key, sample_key, signals, sha256_file(path))
 
 
 @dataclass
@@ -100,6 +106,9 @@ class Source:
     shards: list[schema.ShardInfo]
     keys: list[np.ndarray]  # int64 per shard, file order
     meta: dict[str, Any] | None  # the source meta JSON as read, when the spec is one
+    # per shard, the record key of each texts sidecar line in line order (None: no sidecar); filled
+    # by `match`, which reads every sidecar once, so the copy pairs lines with keys without parsing
+    text_keys: list[np.ndarray | None] = field(default_factory=list)
 
     @property
     def num_records(self) -> int:
@@ -114,8 +123,7 @@ def read_source(spec: list[str]) -> Source:
     shards = [by_rec[str(c.rec_path)] for c in checks]
     keys = []
     for shard in shards:
-        with RecordIOReader(shard.rec, shard.idx) as reader:
-            keys.append(np.asarray(reader.keys, dtype=np.int64))
+        keys.append(read_idx_arrays(shard.idx)[0])
     meta = None
     first = Path(spec[0])
     meta_file = (
@@ -128,20 +136,28 @@ def read_source(spec: list[str]) -> Source:
     return Source(spec, shards, keys, meta)
 
 
-def _texts_by_key(shard: schema.ShardInfo) -> dict[int, str] | None:
-    """The shard's texts sidecar lines by record key (verbatim, so copies are byte-identical)."""
+def _sidecar_path(shard: schema.ShardInfo) -> Path | None:
     path = Path(shard.texts) if shard.texts else Path(shard.rec).with_suffix(".texts.jsonl")
-    if not path.is_file():
-        return None
-    out = {}
+    return path if path.is_file() else None
+
+
+def _sidecar_lines(path: Path) -> list[str]:
+    """The sidecar's entries verbatim (so copies are byte-identical), blank lines left out."""
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out[int(json.loads(line)["key"])] = line
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    raise FilterInputError(f"{path}:{lineno}: not a texts sidecar entry") from None
-    return out
+        return [line for line in f if line.strip()]
+
+
+def _sidecar_keys(path: Path) -> tuple[np.ndarray, list[str]]:
+    """(record key, sample key) of each sidecar entry, in line order."""
+    keys, sample_keys = [], []
+    for lineno, line in enumerate(_sidecar_lines(path), 1):
+        try:
+            entry = json.loads(line)
+            keys.append(int(entry["key"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise FilterInputError(f"{path}: entry {lineno}: not a texts sidecar entry") from None
+        sample_keys.append("" if entry.get("sample_key") is None else str(entry["sample_key"]))
+    return np.asarray(keys, dtype=np.int64), sample_keys
 
 
 def match(scores: Scores, source: Source) -> np.ndarray:
@@ -170,20 +186,27 @@ def match(scores: Scores, source: Source) -> np.ndarray:
 
 
 def _check_sample_keys(scores: Scores, source: Source, rows: np.ndarray) -> None:
+    """Each shard's sidecar sample keys against the scores' (where both have one); records the
+    sidecars' key order in `source.text_keys` for the copy."""
     start = 0
+    source.text_keys = []
     for shard, keys in zip(source.shards, source.keys, strict=True):
-        texts = _texts_by_key(shard)
         shard_rows = rows[start : start + len(keys)]
         start += len(keys)
-        if texts is None:
+        path = _sidecar_path(shard)
+        if path is None:
+            source.text_keys.append(None)
             continue
-        for key, row in zip(keys.tolist(), shard_rows.tolist(), strict=True):
-            line = texts.get(key)
-            said = scores.sample_key[row]
-            if line is not None and said and str(json.loads(line).get("sample_key")) != said:
+        text_keys, text_samples = _sidecar_keys(path)
+        source.text_keys.append(text_keys)
+        if scores.sample_key is None:
+            continue
+        said = dict(zip(keys.tolist(), scores.sample_key.take(shard_rows).to_pylist(), strict=True))
+        for key, sample in zip(text_keys.tolist(), text_samples, strict=True):
+            if said.get(key) and sample != said[key]:
                 raise FilterInputError(
                     f"the scores CSV {scores.path} does not match {shard.rec}: record key {key} is sample "
-                    f"{json.loads(line).get('sample_key')!r} in the shard but {said!r} in the scores"
+                    f"{sample!r} in the shard but {said[key]!r} in the scores"
                 )
 
 
@@ -238,30 +261,54 @@ def _load_done(path: Path) -> ShardDone | None:
     return done if rec.exists() and rec.stat().st_size == done.bytes else None
 
 
-def copy_shard(shard: schema.ShardInfo, keep: set[int], out: Path, stem: str) -> ShardDone:
-    """Copy the kept records of one shard byte for byte, in file order, with their texts lines."""
+def copy_shard(
+    shard: schema.ShardInfo, keep: np.ndarray, text_keys: np.ndarray | None, out: Path, stem: str
+) -> ShardDone:
+    """Copy the kept records of one shard (`keep`: a mask over its .idx entries) in file order, with
+    their texts sidecar lines; to temporary names, renamed when complete."""
     tmp = {ext: out / f"{stem}.{ext}.tmp" for ext in ("rec", "idx", "texts.jsonl")}
-    texts = _texts_by_key(shard)
-    with RecordIOReader(shard.rec, shard.idx) as reader, RecordIOWriter(tmp["rec"], tmp["idx"]) as writer:
-        lines = []
-        for key, record in reader:
-            if key in keep:
-                writer.write(key, record)  # the record as stored: header, label and JPEG untouched
-                if texts is not None and key in texts:
-                    lines.append(texts[key])
-        count = writer.count
-    has_texts = texts is not None
-    if has_texts:
-        tmp["texts.jsonl"].write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp["texts.jsonl"], out / f"{stem}.texts.jsonl")
+    count = _copy_frames(shard, keep, tmp["rec"], tmp["idx"])
+    texts = None
+    if text_keys is not None:
+        path = _sidecar_path(shard)
+        lines = _sidecar_lines(path)
+        if len(lines) != len(text_keys):  # the sidecar changed since `match` read it
+            raise FilterInputError(f"{path} changed while the filter ran; run it again")
+        kept_keys = read_idx_arrays(shard.idx)[0][keep]
+        tmp["texts.jsonl"].write_text(
+            "".join(line for line, k in zip(lines, np.isin(text_keys, kept_keys), strict=True) if k), encoding="utf-8"
+        )
+        texts = f"{stem}.texts.jsonl"
+        os.replace(tmp["texts.jsonl"], out / texts)
     os.replace(tmp["idx"], out / f"{stem}.idx")
     os.replace(tmp["rec"], out / f"{stem}.rec")  # the .rec last: its size is what marks a shard finished
     rec = out / f"{stem}.rec"
-    done = ShardDone(
-        stem, shard.rec, count, rec.stat().st_size, sha256_file(rec), f"{stem}.texts.jsonl" if has_texts else None
-    )
+    done = ShardDone(stem, shard.rec, count, rec.stat().st_size, sha256_file(rec), texts)
     write_json_atomic(out / f"{stem}.done.json", asdict(done))
     return done
+
+
+def _copy_frames(shard: schema.ShardInfo, keep: np.ndarray, rec_path: Path, idx_path: Path) -> int:
+    """The kept records' RecordIO frames, byte for byte: header, label and JPEG are never decoded or
+    re-encoded. Each frame's extent comes from walking its headers (which also checks them); the
+    bytes are sliced from a memory map, so the copy costs what the disk does."""
+    import mmap
+
+    keys, offsets = read_idx_arrays(shard.idx)
+    pos = 0
+    with (
+        RecordIOReader(shard.rec, shard.idx, read_index=False) as reader,
+        open(shard.rec, "rb") as src,
+        mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        open(rec_path, "wb") as rec,
+        open(idx_path, "w", encoding="ascii") as idx,
+    ):
+        for key, offset in zip(keys[keep].tolist(), offsets[keep].tolist(), strict=True):
+            _, end = reader.parts(offset, what=f"record key {key}")
+            rec.write(data[offset:end])
+            idx.write(f"{key}\t{pos}\n")
+            pos += end - offset
+    return int(keep.sum())
 
 
 def _write_dropped(path: Path, scores: Scores, reasons_by_row: dict[int, str]) -> None:
@@ -292,12 +339,12 @@ class FilterReport:
     shards_reused: int
 
 
-def _iter_shards(source: Source, kept_keys: np.ndarray) -> Iterator[tuple[int, schema.ShardInfo, set[int]]]:
+def _iter_shards(source: Source, kept: np.ndarray) -> Iterator[tuple[int, schema.ShardInfo, np.ndarray]]:
+    """(index, shard, its slice of the kept mask) per shard, in reading order."""
     start = 0
     for i, (shard, keys) in enumerate(zip(source.shards, source.keys, strict=True)):
-        mask = kept_keys[start : start + len(keys)]
+        yield i, shard, kept[start : start + len(keys)]
         start += len(keys)
-        yield i, shard, set(keys[mask].tolist())
 
 
 def filter_shards(
@@ -346,7 +393,7 @@ def _filter(scores_csv, spec, out, rule, prefix, checkpoint, overwrite, progress
             stem = schema.shard_stem(prefix, i)
             done = _load_done(out / f"{stem}.done.json")
             reused += done is not None
-            results.append(done if done is not None else copy_shard(shard, keep, out, stem))
+            results.append(done if done is not None else copy_shard(shard, keep, source.text_keys[i], out, stem))
             bar.update(1)
     dropped_report = out / f"{prefix}.dropped.csv"
     _write_dropped(
