@@ -88,6 +88,20 @@ class LossConfig:
     # the towers get that gradient / world_size and logit_scale all of it; grad_clip then acts on this.
     local_loss: bool = True
     gather_with_grad: bool = True
+    # Records with K > 1 caption slots (the meta JSON's "texts", e.g. raw, blip, llm): how the K captions
+    # enter the objective. "all": every caption has its own contrastive term (image-caption_k), the K
+    # terms summed with `caption_weights`; costs K caption encodings per sample. "sample": each sample
+    # takes ONE caption per step, drawn with `caption_weights` as probabilities (the cost of K = 1); the
+    # draw is a function of train.seed, the step and the sample's place in the global batch: a new one
+    # every step, the same on resume and for any number of ranks or accumulation steps. Either way each
+    # source is gated against its own EMAs (mu_tc, mu_ic) and the raw-text term's LCG weight is the
+    # sources' LCG weights averaged with `caption_weights` (alip.gates.source_gate_weights). With K = 1
+    # both modes are ALIP, bitwise.
+    captions: Literal["all", "sample"] = "all"
+    # Relative weight ("all") or draw probability ("sample") of each caption slot, by name, e.g.
+    # {blip: 2, llm: 1} (all slots named; 0 leaves a slot out). Normalised to sum 1, so the caption terms
+    # together weigh as much as the raw-text term, as ALIP's one caption does. null: uniform.
+    caption_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -261,6 +275,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if value not in args:
             raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping (name: value), got {value!r}")
+        key_hint, value_hint = args
+        return {_coerce(k, key_hint, f"{name} key"): _coerce(v, value_hint, f"{name}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{name} must be a list of {len(args)} values, got {value!r}")
@@ -390,6 +409,11 @@ def validate(cfg: Config, world_size: int | None = None) -> RunShape | None:
     problems = _range_problems(cfg)
     if loss.use_gates and not loss.use_caption:
         problems.append("loss.use_gates=true needs loss.use_caption=true: the gates compare raw text with the caption")
+    weights = loss.caption_weights
+    if weights is not None and not (
+        all(w >= 0 and math.isfinite(w) for w in weights.values()) and sum(weights.values()) > 0
+    ):
+        problems.append(f"loss.caption_weights must be non-negative numbers with a positive sum, got {weights}")
     if cfg.eval.every_steps is not None and not (cfg.eval.retrieval or cfg.eval.zeroshot):
         problems.append("eval.every_steps is set but neither eval.retrieval nor eval.zeroshot names a dataset")
     if not cfg.data.train:

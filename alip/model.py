@@ -125,6 +125,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 class BiPathCLIP(nn.Module):
     """ALIP's bi-path forward over one open_clip CLIP: image, raw text and caption features.
 
+    Captions are [B, L], or [B, K, L] for K caption sources (features [B, K, D]).
+
     Raw text and caption go through the shared text tower; `text_trim` (see alip.text_trim)
     decides how: "off" is one batched call at 77 tokens ([2B, 77]); "batch" cuts each source to
     its longest text; "buckets" sorts all texts by length into groups. All three give the same
@@ -152,14 +154,18 @@ class BiPathCLIP(nn.Module):
         self, image: torch.Tensor, text: torch.Tensor, caption: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | None]:
         image_features = self.clip.encode_image(image, normalize=True)  # [B, D]
-        sources = [text] if caption is None else [text, caption]  # [B, L] each
-        features, calls = encode_texts(self.clip, sources, self.text_trim, self.text_buckets)
+        # K caption sources ([B, K, L]) are K more token batches of the same tower call(s)
+        captions = [] if caption is None else list(caption.unbind(1)) if caption.dim() == 3 else [caption]
+        features, calls = encode_texts(self.clip, [text, *captions], self.text_trim, self.text_buckets)
         if torch.is_grad_enabled():
             self.text_calls.extend(calls)
+        caption_features = None
+        if caption is not None:  # [B, D], or [B, K, D] for [B, K, L] captions
+            caption_features = torch.stack(features[1:], dim=1) if caption.dim() == 3 else features[1]
         return {
             "image_features": image_features,
             "raw_features": features[0],
-            "caption_features": features[1] if caption is not None else None,
+            "caption_features": caption_features,
             "logit_scale": self.clip.logit_scale.exp(),
         }
 

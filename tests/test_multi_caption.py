@@ -188,17 +188,19 @@ def test_dali_loader_yields_k_captions(packed):
     loader.close()
 
 
-def test_trainer_refuses_k_caption_slots_at_start(packed):
-    from alip.train.step import _forward
-    from alip.train.trainer import build_loader
+def test_the_trainer_takes_k_caption_slots_and_checks_the_weights_against_them(packed, tmp_path):
+    """Part 2 trains on them (tests/test_multi_caption_loss.py); weights naming other slots are refused."""
+    from alip.train.trainer import Trainer
 
     meta_path, _ = packed
-    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"data.train={meta_path}", "data.num_workers=0"])
-    with pytest.raises(ConfigError, match=r"3 caption slots \['blip', 'llm', 'ofa'\]; training on several caption"):
-        build_loader(cfg, RunShape(1, 2, 2), torch.device("cpu"))
-    micro = {"image": torch.zeros(2, 3, 8, 8), "text": torch.zeros(2, 77), "caption": torch.zeros(2, 3, 77)}
-    with pytest.raises(ValueError, match="several caption sources is not supported yet"):
-        _forward(None, micro, use_caption=True)
+    base = [f"data.train={meta_path}", "data.num_workers=0", f"output_dir={tmp_path}", "train.deterministic=false"]
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [*base, "loss.caption_weights={blip: 1, llm: 2}"])
+    with pytest.raises(ConfigError, match=r"names \['blip', 'llm'\], but data.train .* slots \['blip', 'llm', 'ofa'\]"):
+        Trainer(cfg, RunShape(1, 2, 2), tmp_path, torch.device("cpu"))
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", base)
+    trainer = Trainer(cfg, RunShape(1, 2, 2), tmp_path, torch.device("cpu"))
+    assert trainer.loss_fn.caption_sources == ("blip", "llm", "ofa")
+    trainer.loader.close()
 
 
 # ---------------------------------------------------------------- K = 1 unchanged

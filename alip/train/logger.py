@@ -82,7 +82,7 @@ class TrainLogger:
         m = metrics
         logger.info(
             "step %d/%d | %.1f samples/s/rank, %.1f total | data %.3fs | eta %s | loss %.4f (raw %.4f, caption %.4f)"
-            " | gates s %.3f t %.3f c %.3f | scale %.2f | grad %.3f | loss scale %.0f | skipped %d",
+            " | gates s %.3f t %.3f c %.3f%s | scale %.2f | grad %.3f | loss scale %.0f | skipped %d",
             m["train/step"],
             m["train/total_steps"],
             m["train/samples_per_s_per_rank"],
@@ -95,6 +95,7 @@ class TrainLogger:
             m.get("train/gate/weight_sample_mean", math.nan),
             m.get("train/gate/weight_raw_mean", math.nan),
             m.get("train/gate/weight_caption_mean", math.nan),
+            _source_gates(m),
             m["train/logit_scale"],
             m["train/grad_norm"],
             m["train/loss_scale"],
@@ -124,6 +125,8 @@ class TrainLogger:
         if not self.is_main or step % self.cfg.histogram_every_steps or not gates:
             return
         for name, values in gates.items():
+            if not values.numel():  # loss.captions=sample: a source no sample drew this step
+                continue
             if self._tb is not None:
                 self._tb.add_histogram(f"train/gate/{name}", values.float().cpu(), step)
             if self._wandb is not None:
@@ -143,3 +146,14 @@ def _eta(seconds: float) -> str:
         return "?"
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+def _source_gates(m: dict[str, float]) -> str:
+    """Each caption source's gate means, K > 1: " (blip s 0.912 c 0.850, llm s ...)"; "" for one caption."""
+    prefix, suffix = "train/gate/", "/weight_caption_mean"
+    ends = len(prefix) + len(suffix)  # "train/gate/weight_caption_mean" (all sources) ends the same way
+    names = [k[len(prefix) : -len(suffix)] for k in m if k.startswith(prefix) and k.endswith(suffix) and len(k) > ends]
+    if not names:
+        return ""
+    parts = [f"{n} s {m[f'{prefix}{n}/weight_sample_mean']:.3f} c {m[f'{prefix}{n}{suffix}']:.3f}" for n in names]
+    return f" ({', '.join(parts)})"

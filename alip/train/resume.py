@@ -62,15 +62,19 @@ def applies_on_resume(key: str) -> bool:
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """`section.key` -> value. Only the sections are flattened: a mapping option (loss.caption_weights)
+    is one value."""
     for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
+        if isinstance(value, dict) and not prefix:
+            yield from _flat(value, f"{key}.")
         else:
             yield f"{prefix}{key}", value
 
 
 # Options added with a default that differs from what the code did before them: a checkpoint
 # written without the option ran with this value (DALI's 10 crop attempts, padded last batches).
+# Not loss.captions and loss.caption_weights: a checkpoint from before them trained on one caption,
+# which their defaults ("all", uniform) reproduce bitwise. Like all of loss.*, they are refused on resume.
 BEFORE_INTRODUCED: dict[str, Any] = {"data.crop_attempts": 10, "data.last_batch": "pad"}
 
 

@@ -55,12 +55,7 @@ def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, to
 
 
 def _forward(net: nn.Module, micro: dict[str, torch.Tensor], use_caption: bool) -> dict[str, torch.Tensor]:
-    caption = micro.get("caption")
-    if caption is not None and caption.dim() == 3:  # [B, K, 77]: build_loader refuses such data; so does this
-        raise ValueError(
-            f"records have {caption.shape[1]} caption slots (captions [B, K, 77]); training on several "
-            "caption sources is not supported yet"
-        )
+    # captions [B, 77], or [B, K, 77] for K caption sources (loss.captions=all; "sample" has picked one each)
     out = net(micro["image"], micro["text"], micro["caption"] if use_caption else None)
     return {k: v for k, v in out.items() if v is not None}
 
@@ -88,7 +83,9 @@ def forward_backward(
     leaves = {n: torch.cat([o[n].detach() for o in outs]).float().requires_grad_() for n in names}
     scale_leaf = outs[0]["logit_scale"].detach().float().requires_grad_()
     try:
-        res = loss_fn(*(leaves[n] for n in FEATURES[:2]), leaves.get("caption_features"), scale_leaf)
+        features = (leaves[n] for n in FEATURES[:2])
+        # caption_source [B]: each sample's drawn caption source (loss.captions=sample), for the whole batch
+        res = loss_fn(*features, leaves.get("caption_features"), scale_leaf, caption_source=batch.get("caption_source"))
         scale_loss(res["loss"]).backward()
         grads = {n: leaves[n].grad.split(micros[0]["image"].shape[0]) for n in names}
         scale_grad = scale_leaf.grad

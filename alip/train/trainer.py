@@ -33,9 +33,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import alip
 from alip.config import Config, ConfigError, RunShape, to_dict
 from alip.data.loader_config import LoaderConfig
+from alip.data.schema import TextSlots
 from alip.distributed import get_rank, get_world_size
 from alip.flops import device_peak_tflops, step_flops, supports_count
 from alip.model import CheckpointError
+from alip.train.captions import draw_sources, pick_captions, slot_weights
 from alip.train.checkpoint import Checkpointer, checkpoint_dir, rng_state, set_rng_state
 from alip.train.logger import TrainLogger
 from alip.train.optim import build_optimizer, build_scheduler, resume_optimizer
@@ -86,20 +88,24 @@ def build_loader(cfg: Config, shape: RunShape, device: torch.device) -> Any:
         from alip.data.torch_loader import TorchLoader
 
         loader = TorchLoader(d.train, config, train=True, device=device)
-    refuse_caption_slots(loader, d.train)
     return loader
 
 
-def refuse_caption_slots(loader: Any, spec: Any) -> None:
-    """Stop before step 0 on records with K > 1 caption slots: the loss takes one caption per sample, and
-    [B, K, 77] captions would otherwise meet it with no objective over several sources (issue 14, part 2)."""
-    slots = loader.slots
-    if slots.num_captions > 1:
-        loader.close()
-        raise ConfigError(
-            f"data.train {spec}: records have {slots.num_captions} caption slots {list(slots.captions)}; "
-            "training on several caption sources is not supported yet (pack one caption per record for now)"
-        )
+def build_loss(cfg: Config, slots: TextSlots) -> alip.AlipLoss:
+    """The objective over the data's caption slots (K sources: loss.captions, loss.caption_weights)."""
+    lc = cfg.loss
+    return alip.AlipLoss(
+        use_caption=lc.use_caption,
+        use_gates=lc.use_gates,
+        pair_gate=lc.pair_gate,
+        momentum=lc.momentum,
+        power=lc.power,
+        local_loss=lc.local_loss,
+        gather_with_grad=lc.gather_with_grad,
+        caption_sources=slots.captions,
+        captions=lc.captions,
+        caption_weights=slot_weights(lc, slots, cfg.data.train),
+    )
 
 
 def scaler_state(saved: dict[str, Any], growth_interval: int) -> dict[str, Any]:
@@ -127,17 +133,12 @@ class Trainer:
         self.clip, self.net = self._build_model()
         self._count_flops = supports_count(self.clip)  # MFU in the log (train/tflops_per_s_per_rank, train/mfu)
         self._peak_tflops = device_peak_tflops(device)
-        lc = cfg.loss
-        self.loss_fn = alip.AlipLoss(
-            use_caption=lc.use_caption,
-            use_gates=lc.use_gates,
-            pair_gate=lc.pair_gate,
-            momentum=lc.momentum,
-            power=lc.power,
-            local_loss=lc.local_loss,
-            gather_with_grad=lc.gather_with_grad,
-        ).to(device)
         self.loader = build_loader(cfg, shape, device)
+        try:
+            self.loss_fn = build_loss(cfg, self.loader.slots).to(device)
+        except ConfigError:
+            self.loader.close()
+            raise
         self.total_steps = total_steps(cfg, len(self.loader))
         self.optimizer = build_optimizer(self.clip, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
@@ -249,7 +250,7 @@ class Trainer:
         resume_optimizer(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])
         if state["scaler"]:  # empty where the checkpoint's run had no fp16 loss scaler: keep the fresh one
             self.scaler.load_state_dict(scaler_state(state["scaler"], self.cfg.train.scaler_growth_interval))
-        self.loss_fn.load_state_dict(state["loss"])
+        self._load_gates(state["loss"])
         self.state = TrainState(**state["train_state"])
         if exact:
             mine = state["ranks"][self.rank]
@@ -264,6 +265,19 @@ class Trainer:
             # randomness is the loaders'), so rank 0's generators are every rank's.
             set_rng_state(state["ranks"][0]["rng"])
         self._last_saved_step = self.state.step
+
+    def _load_gates(self, saved: dict[str, Any]) -> None:
+        """The gate EMAs; they are per caption source, so only data with the checkpoint's sources continues them
+        (--reshard onto data with other caption slots is refused here)."""
+        ours = self.loss_fn.state_dict()
+        if saved.keys() != ours.keys():
+            k = self.loss_fn.num_sources
+            raise CheckpointError(
+                f"the checkpoint's gate EMAs ({', '.join(sorted(saved))}) are not those of this run's {k} caption "
+                f"source(s) {list(self.loss_fn.caption_sources)}: the gates keep EMAs per caption source; start a "
+                "new run (model.pretrained=CHECKPOINT keeps the weights)"
+            )
+        self.loss_fn.load_state_dict(saved)
 
     def _reshard_data(self, loaders: list[dict[str, Any]], old_world_size: int) -> None:
         """Place the loader after a checkpoint of another world size, or of other shards (--reshard)."""
@@ -297,6 +311,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> StepOutcome:
         """Forward/backward over the whole batch, then one optimizer step, or a skip on every rank."""
+        batch = self._pick_captions(batch)
         res = forward_backward(
             self.net, self.loss_fn, batch, self.cfg.train.accum_steps, self._autocast, self.scaler.scale
         )
@@ -318,12 +333,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._count_skip(applied)
         if res is None:
-            losses = {k: math.nan for k in ("loss", "loss_raw", "loss_caption")}
+            losses = {
+                k: math.nan for k in dict.fromkeys(("loss", "loss_raw", "loss_caption", *self.loss_fn.loss_names))
+            }
             gates = {}
         else:
-            losses = rank_mean({k: res[k] for k in ("loss", "loss_raw", "loss_caption") if k in res}, self.device)
-            gates = {k: res[k].detach() for k in ("weight_sample", "weight_raw", "weight_caption") if k in res}
+            losses = rank_mean({k: res[k] for k in self.loss_fn.loss_names}, self.device)
+            gates = {k: res[k].detach() for k in self.loss_fn.weight_names}  # per source too: "blip/weight_caption"
         return StepOutcome(applied, losses, gates, float(grad_norm), gate_stats(self.loss_fn, res))
+
+    def _pick_captions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """loss.captions=sample with K > 1 sources: each sample's drawn caption [B, 77] and its source [B]
+        (alip.train.captions: drawn from the seed, the step and the global place; resume needs only the step)."""
+        if not (self.loss_fn.use_caption and self.loss_fn.draws_captions):
+            return batch
+        b = self.shape.per_rank_batch
+        seed, step, probs = self.cfg.train.seed, self.state.step, self.loss_fn.caption_weights
+        source = draw_sources(seed, step, self.rank * b, b, probs).to(batch["caption"].device)
+        return {**batch, "caption": pick_captions(batch["caption"], source), "caption_source": source}
 
     def _count_skip(self, applied: bool) -> None:
         s = self.state
