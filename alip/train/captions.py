@@ -48,3 +48,13 @@ def draw_sources(seed: int, step: int, start: int, count: int, probs: Sequence[f
 def pick_captions(captions: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """Each sample's caption of source `source` [B]: [B, K, L] -> [B, L]."""
     return captions[torch.arange(captions.shape[0], device=captions.device), source.to(captions.device)]
+
+
+def with_drawn_captions(
+    batch: dict[str, torch.Tensor], seed: int, step: int, start: int, probs: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """A batch whose samples sit at global places start, start + 1, ... with its [B, K, 77] captions
+    replaced by each sample's drawn one [B, 77], and the drawn sources as "caption_source" [B]."""
+    captions = batch["caption"]
+    source = draw_sources(seed, step, start, captions.shape[0], probs).to(captions.device)
+    return {**batch, "caption": pick_captions(captions, source), "caption_source": source}

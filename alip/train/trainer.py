@@ -37,7 +37,7 @@ from alip.data.schema import TextSlots
 from alip.distributed import get_rank, get_world_size
 from alip.flops import device_peak_tflops, step_flops, supports_count
 from alip.model import CheckpointError
-from alip.train.captions import draw_sources, pick_captions, slot_weights
+from alip.train.captions import slot_weights, with_drawn_captions
 from alip.train.checkpoint import Checkpointer, checkpoint_dir, rng_state, set_rng_state
 from alip.train.logger import TrainLogger
 from alip.train.optim import build_optimizer, build_scheduler, resume_optimizer
@@ -347,10 +347,8 @@ class Trainer:
         (alip.train.captions: drawn from the seed, the step and the global place; resume needs only the step)."""
         if not (self.loss_fn.use_caption and self.loss_fn.draws_captions):
             return batch
-        b = self.shape.per_rank_batch
-        seed, step, probs = self.cfg.train.seed, self.state.step, self.loss_fn.caption_weights
-        source = draw_sources(seed, step, self.rank * b, b, probs).to(batch["caption"].device)
-        return {**batch, "caption": pick_captions(batch["caption"], source), "caption_source": source}
+        start = self.rank * self.shape.per_rank_batch  # this rank's first place in the global batch
+        return with_drawn_captions(batch, self.cfg.train.seed, self.state.step, start, self.loss_fn.caption_weights)
 
     def _count_skip(self, applied: bool) -> None:
         s = self.state
