@@ -47,7 +47,7 @@ from alip.demo.__main__ import (
     repo_configs,
     run_demo,
 )
-from alip.score import Rule, filter_shards
+from alip.score import Rule, filter_shards, parse_noisy
 
 RULE = Rule(by=("s_raw_caption",), auto=True)
 EXTRA = {  # run name -> (demo config, which filtered set)
@@ -80,7 +80,7 @@ def oracle_scores(scores_csv: Path, out: Path) -> Path:
     with open(scores_csv, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        row["s_raw_caption"] = "0" if row["noisy"] == "1" else "1"
+        row["s_raw_caption"] = "0" if parse_noisy(row["noisy"], f"{scores_csv}: noisy") else "1"
     with open(out, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
