@@ -112,23 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def score_from_args(args: argparse.Namespace) -> ScoreResult:
+    """`score_shards` with the options of this command line; `alip-filter --checkpoint` has the same
+    ones but --truth, --power and --pair-gate (then the defaults)."""
+    return score_shards(
+        args.checkpoint,
+        args.shards if len(args.shards) > 1 else args.shards[0],
+        model=args.model,
+        truth=getattr(args, "truth", None),
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        num_workers=args.workers,
+        power=getattr(args, "power", None),
+        pair_gate=getattr(args, "pair_gate", None),
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line; returns the summary. User errors raise (`cli` turns them into one line)."""
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    result = score_shards(
-        args.checkpoint,
-        args.shards if len(args.shards) > 1 else args.shards[0],
-        model=args.model,
-        truth=args.truth,
-        device=args.device,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        num_workers=args.workers,
-        power=args.power,
-        pair_gate=args.pair_gate,
-    )
+    result = score_from_args(args)
     csv_path, summary_path = result.write(args.out, args.summary)
     print(format_summary(result, show=args.show))
     print(f"wrote {csv_path} and {summary_path}")

@@ -22,7 +22,7 @@ logger = logging.getLogger("alip.score.filter")
 def _score_first(args: argparse.Namespace, out: Path) -> Path:
     """--checkpoint: score the shards with it (alip-score's code) into <out>/<prefix>.scores.csv; a rerun
     with the same checkpoint reuses that file instead of scoring again."""
-    from alip.score import score_shards
+    from alip.score.command import score_from_args
 
     csv_path = out / f"{args.prefix}.scores.csv"
     summary = csv_path.with_name(f"{csv_path.stem}.summary.json")
@@ -34,15 +34,7 @@ def _score_first(args: argparse.Namespace, out: Path) -> Path:
             logger.info("reusing the scores in %s (same checkpoint)", csv_path)
             return csv_path
     out.mkdir(parents=True, exist_ok=True)
-    result = score_shards(
-        args.checkpoint,
-        args.shards if len(args.shards) > 1 else args.shards[0],
-        model=args.model,
-        device=args.device,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        progress=not args.no_progress,
-    )
+    result = score_from_args(args)
     result.summary["checkpoint_sha256"] = digest
     result.write(csv_path)
     return csv_path
