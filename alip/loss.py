@@ -9,6 +9,27 @@ caption (c) features:
 
 where l_i is the symmetric InfoNCE term of sample i and the weights come from `alip.gates`.
 
+Several caption sources (records with K caption slots, `caption_sources`; issue 14). Each source k has
+its own running means mu_tc^k, mu_ic^k (captioners differ in how close their captions sit to the raw
+text and the image); mu_it stays one. With relative weights p_k normalised to sum 1 (`caption_weights`):
+
+    r_i^k = exp(s_tc,i^k - mu_tc^k) ** power        w_s,i^k = min(r_i^k, 1)     (LCG of source k)
+    w_s,i = sum_k p_k * w_s,i^k                     the raw-text term's sample weight
+    w_t,i = the DCG of image-raw text; "official": applied where some source of p_k > 0 has r_i^k < 1
+    w_c,i^k = the DCG of image-caption k against mu_ic^k; "official": applied where r_i^k < 1
+
+    captions="all":    loss_caption = sum_k p_k * mean_i( w_s,i^k * w_c,i^k * l_i(v, c^k) )
+    captions="sample": sample i brings one caption c_i of source k_i drawn with probabilities p
+                       (alip.train.captions); loss_caption = mean_i( w_s,i * w_c,i * l_i(v, c) ) with
+                       r_i, w_c,i against mu^{k_i} and w_s,i = min(r_i, 1); source k's EMAs move by
+                       the mean over the samples that drew it (not at all when none did).
+    loss_raw = mean_i( w_s,i * w_t,i * l_i(v, t) ), as with one caption.
+
+Why the weighted mean for the raw text: the raw text is noisy to the degree it disagrees with the
+captions the objective trusts, in proportion to that trust; one odd captioner does not silence a raw
+text the others agree with. With K = 1 (p = (1.0,)) every formula is ALIP's, and the code computes
+the same floating-point operations: results are bitwise those of the one-caption loss.
+
 Distributed semantics. The features of all ranks are gathered in one collective. Gate weights are
 computed over the gathered (global) batch, so they are identical on every rank. With
 `local_loss=True` each rank scores only its own B rows against all N columns; with
