@@ -132,7 +132,8 @@ class _Scored(Dataset):
         return {
             "image": self.preprocess(image),
             "raw": torch.from_numpy(raw),
-            "caption": torch.from_numpy(cap),
+            # records with K caption slots: the first slot, whose gate EMAs are the checkpoint's ema_tc/ema_ic
+            "caption": torch.from_numpy(cap[0] if cap.ndim == 2 else cap),
             "key": key,
             "index": i,
         }
