@@ -13,6 +13,12 @@ and angle, on a white, black or grey background with pixel noise. Each training 
 
 So the captions teach colour and shape cleanly, the raw text alone carries size and background,
 and a model has to learn from the raw text without learning its noise: the situation ALIP is for.
+
+Optionally (`detailed_captions`), a second caption source in the role of a long, detailed
+captioner: it names size, colour, shape and background, but in exactly round(hallucination_rate * n)
+pairs ONE attribute of it is wrong (uniformly colour, shape, size or background), the way detailed
+captions hallucinate. It is drawn from its own random stream, so everything else is generated
+exactly as without it; it goes to a second caption sidecar, its flags to the truth file.
 The ground-truth noise flag of each pair goes to `train_truth.jsonl`, for evaluation only; the
 training path (manifest -> data2rec -> shards -> loader) never reads it.
 
@@ -61,6 +67,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "grey": (128, 128, 128),
 }
 NOISE_KINDS = ("swap", "attribute", "hashtags", "filename", "empty")
+ATTRIBUTES = ("colour", "shape", "size", "background")
 
 # Synthetic-caption wording: generic, colour and shape only (what a captioner gets right).
 CAPTION_TEMPLATES = (
@@ -68,6 +75,13 @@ CAPTION_TEMPLATES = (
     "a {colour} {shape} in a picture",
     "an image of a {colour} {shape}",
     "a drawing of a {colour} {shape}",
+)
+# Detailed-caption wording (the optional second source): every attribute, as a long captioner writes.
+DETAILED_TEMPLATES = (
+    "a {size} {colour} {shape} on a {background} background",
+    "a {size} {colour} {shape} in front of a plain {background} background",
+    "an image of a {size} {colour} {shape} against a {background} backdrop",
+    "a picture showing a {size} {colour} {shape} on a {background} surface",
 )
 # Web-text wording: every detail, phrased the ways people title their uploads.
 RAW_TEMPLATES = (
@@ -107,14 +121,28 @@ class DemoSpec:
     num_zeroshot_per_class: int = 10
     noise_rate: float = 0.4
     image_size: int = 64
+    # the optional second caption source: detailed captions, some with one hallucinated attribute
+    detailed_captions: bool = False
+    hallucination_rate: float = 0.3
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise_rate <= 1.0:
             raise ValueError(f"noise_rate must be in [0, 1], got {self.noise_rate}")
+        if not 0.0 <= self.hallucination_rate <= 1.0:
+            raise ValueError(f"hallucination_rate must be in [0, 1], got {self.hallucination_rate}")
         if self.num_train < 2 or self.num_zeroshot_per_class < 1:
             raise ValueError("num_train must be >= 2 and num_zeroshot_per_class >= 1")
         if not 32 <= self.image_size <= 512:
             raise ValueError(f"image_size must be in [32, 512], got {self.image_size}")
+
+    def record(self) -> dict:
+        """The spec as dataset.json and the demo's summary record it. Without detailed captions the
+        fields of that option are left out, so a default dataset's files (and their reuse) are the
+        same as before the option existed."""
+        out = asdict(self)
+        if not self.detailed_captions:
+            del out["detailed_captions"], out["hallucination_rate"]
+        return out
 
 
 def class_names() -> list[str]:
@@ -225,10 +253,20 @@ def mentioned_scene(text: str) -> Scene | None:
 
 def wrong_attribute(scene: Scene, rng: random.Random) -> Scene:
     """The scene with exactly one attribute changed to another value."""
-    field = rng.choice(("colour", "shape", "size", "background"))
+    return changed_attribute(scene, rng)[1]
+
+
+def changed_attribute(scene: Scene, rng: random.Random) -> tuple[str, Scene]:
+    """(which attribute, the scene with it changed to another value): one uniform draw of the attribute,
+    one of its other values."""
+    field = rng.choice(ATTRIBUTES)
     values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES), "background": list(BACKGROUNDS)}
     other = rng.choice([v for v in values[field] if v != getattr(scene, field)])
-    return Scene(**{**asdict(scene), field: other})
+    return field, Scene(**{**asdict(scene), field: other})
+
+
+def detailed_text(scene: Scene, rng: random.Random) -> str:
+    return rng.choice(DETAILED_TEMPLATES).format(**asdict(scene))
 
 
 def noisy_raw_text(kind: str, scene: Scene, other: Scene, rng: random.Random) -> str:
@@ -278,6 +316,24 @@ def make_train_samples(spec: DemoSpec) -> list[TrainSample]:
     return samples
 
 
+@dataclass(frozen=True)
+class DetailedCaption:
+    caption: str
+    wrong: str | None  # the hallucinated attribute; None: the caption is faithful
+
+
+def make_detailed_captions(spec: DemoSpec, samples: list[TrainSample]) -> list[DetailedCaption]:
+    """The second caption source, one per training pair: exactly round(hallucination_rate * n) of
+    them with one wrong attribute. Its own random stream: the other data does not change with it."""
+    rng = random.Random(f"alip-demo-detailed-{spec.seed}")
+    wrong = set(rng.sample(range(len(samples)), round(spec.hallucination_rate * len(samples))))
+    out = []
+    for i, s in enumerate(samples):
+        field, said = changed_attribute(s.scene, rng) if i in wrong else (None, s.scene)
+        out.append(DetailedCaption(detailed_text(said, rng), field))
+    return out
+
+
 def _other_scene(scenes: list[Scene], scene: Scene, rng: random.Random) -> Scene:
     """Another sample's scene that differs from `scene` (a swap with an identical scene is no noise)."""
     for _ in range(20):
@@ -298,6 +354,7 @@ class DemoData:
     root: Path
     manifest: Path  # train manifest (JSONL: key, image, text)
     captions: Path  # caption sidecar (the synthetic captions)
+    detailed_captions: Path  # second caption sidecar (only with DemoSpec.detailed_captions)
     truth: Path  # hidden noise flags, evaluation only
     zeroshot: Path  # ImageFolder + classnames.txt + templates.txt
     retrieval: Path  # Karpathy JSON; images beside it
@@ -310,6 +367,7 @@ class DemoData:
             root=root,
             manifest=root / "train" / "manifest.jsonl",
             captions=root / "train" / "captions.jsonl",
+            detailed_captions=root / "train" / "captions_detailed.jsonl",
             truth=root / "train_truth.jsonl",
             zeroshot=root / "test" / "shapes",
             retrieval=root / "test" / "shapes_retrieval" / "karpathy.json",
@@ -323,12 +381,36 @@ def _write_lines(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def _sidecar_header(name: str) -> dict:
+    return {"meta": {"format": "alip-caption-sidecar", "captioner": {"name": name}}}
+
+
+def _write_train_texts(paths: DemoData, spec: DemoSpec, samples: list[TrainSample]) -> dict:
+    """Manifest, caption sidecar(s) and truth file; returns what dataset.json adds for detailed captions."""
+    _write_lines(paths.manifest, [{"key": s.key, "image": f"images/{s.key}.jpg", "text": s.raw_text} for s in samples])
+    header = _sidecar_header("alip.demo (generated, clean)")
+    _write_lines(paths.captions, [header] + [{"key": s.key, "caption": s.caption} for s in samples])
+    truth = [{"key": s.key, "noisy": s.noise is not None, "noise": s.noise, **asdict(s.scene)} for s in samples]
+    if not spec.detailed_captions:
+        _write_lines(paths.truth, truth)
+        return {}
+    detailed = make_detailed_captions(spec, samples)
+    header = _sidecar_header(f"alip.demo (generated, detailed, {spec.hallucination_rate:g} hallucinated)")
+    rows = [{"key": s.key, "caption": d.caption} for s, d in zip(samples, detailed, strict=True)]
+    _write_lines(paths.detailed_captions, [header] + rows)
+    for t, d in zip(truth, detailed, strict=True):
+        t.update(detailed_hallucinated=d.wrong is not None, detailed_wrong=d.wrong)
+    _write_lines(paths.truth, truth)
+    wrong = Counter(d.wrong for d in detailed if d.wrong is not None)
+    return {"detailed_hallucinated": sum(wrong.values()), "detailed_wrong": dict(sorted(wrong.items()))}
+
+
 def write_dataset(root: str | Path, spec: DemoSpec = DemoSpec(), progress: bool = True) -> DemoData:
     """Generate the whole dataset under `root`. Reuses it when `root` already holds this spec's data."""
     paths = DemoData.at(root)
     if paths.info.is_file():
         info = json.loads(paths.info.read_text(encoding="utf-8"))
-        if info.get("spec") == asdict(spec):
+        if info.get("spec") == spec.record():
             return paths
         raise FileExistsError(
             f"{paths.root} holds a demo dataset made with other settings {info.get('spec')}; "
@@ -340,13 +422,7 @@ def write_dataset(root: str | Path, spec: DemoSpec = DemoSpec(), progress: bool 
     images.mkdir(parents=True, exist_ok=True)
     for s in tqdm(samples, desc="demo data: train images", unit="img", disable=not progress):
         (images / f"{s.key}.jpg").write_bytes(jpeg(render(s.scene, img_rng, spec.image_size)))
-    _write_lines(paths.manifest, [{"key": s.key, "image": f"images/{s.key}.jpg", "text": s.raw_text} for s in samples])
-    header = {"meta": {"format": "alip-caption-sidecar", "captioner": {"name": "alip.demo (generated, clean)"}}}
-    _write_lines(paths.captions, [header] + [{"key": s.key, "caption": s.caption} for s in samples])
-    _write_lines(
-        paths.truth,
-        [{"key": s.key, "noisy": s.noise is not None, "noise": s.noise, **asdict(s.scene)} for s in samples],
-    )
+    detailed_info = _write_train_texts(paths, spec, samples)
 
     test_rng = random.Random(f"alip-demo-test-{spec.seed}")
     names = class_names()
@@ -373,13 +449,14 @@ def write_dataset(root: str | Path, spec: DemoSpec = DemoSpec(), progress: bool 
 
     kinds = Counter(s.noise for s in samples if s.noise is not None)
     info = {
-        "spec": asdict(spec),
+        "spec": spec.record(),
         "train": len(samples),
         "noisy": sum(kinds.values()),
         "noise_kinds": dict(sorted(kinds.items())),
         "zeroshot_classes": len(names),
         "zeroshot_images": len(names) * spec.num_zeroshot_per_class,
         "retrieval_images": len(entries),
+        **detailed_info,
     }
     write_json_atomic(paths.info, info)  # written last: its presence means the dataset is complete
     return paths
