@@ -27,7 +27,6 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the shuffle (default 0)")
     p.add_argument("--noise-rate", type=float, default=0.4, help="fraction of noisy raw texts (default 0.4)")
     p.add_argument("--num-train", type=int, default=None, help="training pairs (default 6000)")
+    p.add_argument(
+        "--detailed-captions",
+        action="store_true",
+        help="a second caption source, detailed (size and background too) but sometimes hallucinated: "
+        "K = 2 shards with caption slots 'generic' and 'detailed' (use another --out than a K = 1 demo's)",
+    )
+    p.add_argument(
+        "--hallucination-rate",
+        type=float,
+        default=None,
+        help="fraction of detailed captions with one wrong attribute (default 0.3; needs --detailed-captions)",
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the configs' 300)")
     p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which objectives to train")
     p.add_argument("--configs", default=None, help="folder with <run>.yaml configs (default: configs/demo)")
@@ -163,10 +174,14 @@ def _machine() -> dict[str, Any]:
 def _make_data(out: Path, spec: Any, workers: int, progress: bool) -> tuple[Any, Path]:
     """Generated dataset -> data2rec's engine (the code behind tools/data2rec.py) -> shards."""
     from alip.data.convert import ConvertOptions, convert
-    from alip.data.sources import Columns
+    from alip.data.sources import CaptionSource, Columns
     from alip.demo.data import write_dataset
 
     data = write_dataset(out / "data", spec, progress=progress)
+    slots: dict[str, Any] = {}
+    if spec.detailed_captions:  # K = 2 caption slots; the meta JSON names them (texts: raw, generic, detailed)
+        detailed = CaptionSource("detailed", sidecar=data.detailed_captions)
+        slots = {"caption_name": "generic", "more_captions": (detailed,)}
     opts = ConvertOptions(
         out_dir=out / "shards",
         columns=Columns(key="key"),
@@ -175,6 +190,7 @@ def _make_data(out: Path, spec: Any, workers: int, progress: bool) -> tuple[Any,
         seed=spec.seed,
         workers=workers,
         progress=progress,
+        **slots,
     )
     convert([data.manifest], opts)
     return data, out / "shards" / f"{opts.prefix}.meta.json"
@@ -200,12 +216,18 @@ def demo_spec(args: argparse.Namespace, quick: dict[str, Any]) -> DemoSpec:
     """The dataset to generate, from the command line (and --quick's sizes)."""
     from alip.demo.data import DemoSpec
 
+    detailed = getattr(args, "detailed_captions", False)
+    rate = getattr(args, "hallucination_rate", None)
+    if rate is not None and not detailed:
+        raise DemoOptionError("--hallucination-rate needs --detailed-captions")
     try:
         return DemoSpec(
             seed=args.seed,
             num_train=args.num_train or quick.get("num_train", DemoSpec.num_train),
             num_zeroshot_per_class=quick.get("num_zeroshot_per_class", DemoSpec.num_zeroshot_per_class),
             noise_rate=args.noise_rate,
+            detailed_captions=detailed,
+            hallucination_rate=DemoSpec.hallucination_rate if rate is None else rate,
         )
     except ValueError as e:  # DemoSpec checks values that come straight from the command line
         raise DemoOptionError(str(e)) from None
@@ -260,7 +282,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     timings["total"] = time.perf_counter() - start
     gate_keys = ("auc_weight_sample", "auc_s_raw_caption", "precision_at_noisy")
     record = {
-        "spec": asdict(spec),
+        "spec": spec.record(),
         "steps": steps,
         "metrics": summary,
         "gates": None if score_summary is None else {k: score_summary.get(k) for k in gate_keys},
