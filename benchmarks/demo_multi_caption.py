@@ -213,7 +213,8 @@ def run_seed(
     from alip.train.checkpoint import find_latest
 
     start = time.perf_counter()
-    q = QUICK if quick else {}
+    # quick: the demo's sizes, without evaluations during training (the final weights are evaluated below)
+    q = {**QUICK, "eval_every": 10**6} if quick else {}
     demo_args = ["--out", str(out), "--seed", str(seed), "--noise-rate", str(noise_rate), "--detailed-captions"]
     spec = demo_spec(build_parser().parse_args([*demo_args, "--hallucination-rate", str(hallucination_rate)]), q)
     data, meta = _make_data(out, spec, workers=2, progress=False)
