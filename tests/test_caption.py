@@ -35,8 +35,9 @@ from alip.cli import guarded
 from alip.data import schema
 from alip.data.convert import ConvertOptions, convert
 from alip.data.images import decode_image
+from alip.data.loader_config import prepare_dataset
 from alip.data.recordio import RecordIOReader
-from alip.data.sources import read_caption_sidecar
+from alip.data.sources import read_caption_sidecar, read_sidecar_header
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -254,6 +255,7 @@ def test_tars_parquet_sidecar_and_prompt(tiny_blip, tmp_path):
     caption_inputs([tar_path], captioner, CaptionOptions(out, batch_size=2, workers=0, progress=False))
     meta, entries = read_sidecar(out)
     assert meta["captioner"]["prompt"] == "a photo of" and meta["captioner"]["num_beams"] == 2
+    assert read_sidecar_header(out) == meta  # data2rec's header reader (recorded per slot in the meta JSON)
     assert [(e.key, e.path) for e in entries] == [(f"{i:09d}", None) for i in range(3)]
     by_key, by_path = read_caption_sidecar(out)  # what data2rec --captions reads
     assert sorted(by_key) == [f"{i:09d}" for i in range(3)] and not by_path
@@ -344,3 +346,47 @@ def test_missing_model_and_uncached_hub_name_are_clear_errors(photos, tmp_path, 
     assert "nothing to merge" in capsys.readouterr().err
     with pytest.raises(SidecarError, match="nothing to merge"):
         merge_parts([manifest], CaptionOptions(tmp_path / "c.jsonl"))
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_prompts_two_sidecars_join_as_two_named_caption_slots(clean, photos, tiny_blip, tmp_path):
+    """Several caption sources: tools/caption.py once per prompt, data2rec joins the sidecars as slots a, b."""
+    first, _, _ = clean  # the run without a prompt
+    manifest, img = photos
+    second = tmp_path / "prompted.jsonl"
+    argv = [str(manifest), "--image-root", str(img), "--out", str(second), "--model", str(tiny_blip)]
+    assert _load_tool("caption").main([*argv, *GREEDY_CLI, "--prompt", "a picture of", "--workers", "0"]) == 0
+    out = tmp_path / "rec"
+    argv = [str(manifest), "--image-root", str(img), "--captions", f"a={first}", "--captions", f"b={second}"]
+    assert _load_tool("data2rec").main([*argv, "--out-dir", str(out), "--workers", "1", "--no-progress"]) == 0
+
+    by_path = [read_caption_sidecar(p)[1] for p in (first, second)]  # {image path: caption} of each run
+    assert any(by_path[0][f"{n}.jpg"] != by_path[1][f"{n}.jpg"] for n in PHOTOS)  # the prompt changed captions
+    meta = json.loads((out / "train.meta.json").read_text())
+    assert meta["texts"] == ["raw", "a", "b"] and meta["num_records"] == len(PHOTOS)
+    assert meta["source"]["captions"] == {"a": str(first), "b": str(second)}
+    # which captioner settings filled which slot, from each sidecar's header
+    captioners = meta["source"]["captioners"]
+    assert (captioners["a"]["prompt"], captioners["b"]["prompt"]) == ("", "a picture of")
+    assert captioners["a"] == read_sidecar(first)[0]["captioner"]
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    shards, slots = prepare_dataset(out / "train.meta.json", full=True)
+    assert slots.names == ("raw", "a", "b")
+    seen = set()
+    for shard in shards:
+        texts = [json.loads(line) for line in shard.rec_path.with_suffix(".texts.jsonl").read_text().splitlines()]
+        with RecordIOReader(shard.rec_path, shard.idx_path) as reader:
+            for (_, record), entry in zip(reader, texts, strict=True):
+                _, _, caps, _ = schema.parse_record(record, slots)  # [K = 2, 77]
+                name = Path(entry["source"]).name
+                want = [by_path[0][name], by_path[1][name]]
+                assert caps.tolist() == tokenizer([ftfy.fix_text(c) for c in want]).tolist()
+                assert entry["captions"] == {"a": want[0], "b": want[1]}
+                seen.add(name)
+    assert seen == {f"{n}.jpg" for n in PHOTOS}  # the two unreadable images: no caption in either, skipped

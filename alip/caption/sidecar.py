@@ -28,13 +28,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from alip.data.sources import InputError
+from alip.data.sources import CAPTION_META_KEY, InputError
 from alip.files import json_lines
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "alip-caption-sidecar"
-_PARQUET_META_KEY = b"alip_caption_meta"
+_PARQUET_META_KEY = CAPTION_META_KEY  # where data2rec reads the header of a parquet sidecar
 
 
 class SidecarError(InputError):

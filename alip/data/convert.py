@@ -53,6 +53,7 @@ from alip.data.sources import (
     read_caption_sidecar,
     read_image_bytes,
     read_inputs,
+    read_sidecar_header,
     tar_samples,
 )
 from alip.files import FolderLock, sha256_file, write_json_atomic
@@ -709,6 +710,18 @@ def _tokenizer_info(name: str) -> dict:
     }
 
 
+def _sidecar_captioners(opts: ConvertOptions) -> dict[str, dict]:
+    """Each caption slot's captioner settings from its sidecar's header (tools/caption.py records the
+    model and decoding there), by slot name: which captioner or prompt filled which slot."""
+    sidecars = [(opts.caption_name, opts.captions), *((c.name, c.sidecar) for c in opts.more_captions)]
+    out = {}
+    for name, path in sidecars:
+        header = read_sidecar_header(path) if path is not None else None
+        if header and header.get("captioner") is not None:
+            out[name] = header["captioner"]
+    return out
+
+
 def _build_meta(inputs, opts, results, num_inputs, reasons, stats) -> schema.DatasetMeta:
     shards = [
         schema.ShardInfo(f"{r.stem}.rec", f"{r.stem}.idx", r.records, r.bytes, r.sha256, texts=f"{r.stem}.texts.jsonl")
@@ -740,6 +753,9 @@ def _build_meta(inputs, opts, results, num_inputs, reasons, stats) -> schema.Dat
     }
     if opts.tokens_npy is not None:
         source["tokens_npy"] = str(opts.tokens_npy)
+    captioners = _sidecar_captioners(opts)
+    if captioners:
+        source["captioners"] = captioners
     slots = schema.TextSlots(opts.texts)
     return schema.DatasetMeta(
         shards=shards,

@@ -342,6 +342,27 @@ def read_caption_sidecar(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     return by_key, by_path
 
 
+CAPTION_META_KEY = b"alip_caption_meta"  # a parquet sidecar's header, in its schema metadata
+
+
+def read_sidecar_header(path: Path) -> dict | None:
+    """The header meta of a caption sidecar (the captioner's model and decoding settings, as
+    tools/caption.py writes them), or None when it has none: only the first line (JSONL) or the
+    schema metadata (parquet) is read."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        raw = (pq.read_schema(path).metadata or {}).get(CAPTION_META_KEY)
+        return json.loads(raw) if raw else None
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return None  # read_caption_sidecar reports a broken line with its number
+    return row["meta"] if isinstance(row, dict) and set(row) == {"meta"} else None
+
+
 def read_image_bytes(sample: SourceSample) -> bytes:
     """The image bytes of a sample, from its file or from inside its tar. Raises BadImage if unreadable.
 
