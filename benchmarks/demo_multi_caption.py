@@ -75,7 +75,8 @@ PAIRED = [
     ("all", "all_nogates"),
     ("sample", "sample_nogates"),
 ]
-DETAILED = 1  # the detailed caption's slot among the caption slots (generic 0, detailed 1)
+SLOTS = ("generic", "detailed")  # the caption slots of the K = 2 demo shards, in label order
+DETAILED = SLOTS.index("detailed")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -107,6 +108,8 @@ def _read_records(meta: Path) -> tuple[list[str], list[bytes], np.ndarray, np.nd
 
     keys, jpegs, raws, caps = [], [], [], []
     for info, slots in schema.resolve_dataset(meta):
+        if slots is None or slots.names[1:] != SLOTS:
+            raise ValueError(f"{meta}: expected the caption slots {SLOTS} of `alip.demo --detailed-captions`")
         sample_key = {}
         for line in Path(info.texts).read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
@@ -159,6 +162,7 @@ def hallucination_auc(checkpoint: Path, meta: Path, truth_path: Path) -> dict[st
     """How well the detailed source's gate signals find its hallucinated captions, from a gated K = 2
     checkpoint: every training pair scored with frozen EMAs (no update), as `alip score` does."""
     import alip
+    from alip.loss import caption_probabilities
     from alip.train.checkpoint import load_state
 
     state = load_state(checkpoint)
@@ -172,7 +176,9 @@ def hallucination_auc(checkpoint: Path, meta: Path, truth_path: Path) -> dict[st
     s_ic = s["s_ic"][DETAILED]
     dcg = torch.exp(s_ic - mu_ic) ** gates.power  # the DCG formula, before the pair gate's rule
     # the weights training applies ("official" pair gate: 1 where the source's LCG finds the sample consistent)
-    applied = gates.all_sources(list(s["s_tc"]), s["s_it"], list(s["s_ic"]), (0.5, 0.5), update=False)
+    given = state["config"]["loss"].get("caption_weights")  # by slot name; None: uniform
+    probs = caption_probabilities(None if given is None else [given[n] for n in SLOTS], len(SLOTS))
+    applied = gates.all_sources(list(s["s_tc"]), s["s_it"], list(s["s_ic"]), probs, update=False)
     by_key = {}
     with open(truth_path, encoding="utf-8") as f:
         for line in f:
