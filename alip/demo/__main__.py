@@ -11,6 +11,10 @@
    hidden noise flags, how well the gate weights find the noisy pairs;
 6. write OUT/report: PNG plots, report.md, scores.csv and summary.json, and print the table.
 
+With --detailed-captions the data has a second caption source (detailed, sometimes hallucinated;
+alip/demo/data.py) and the shards K = 2 caption slots, `generic` and `detailed`; the trainings then
+use both (loss.captions=all, uniform). benchmarks/demo_multi_caption.py compares the ways to use them.
+
 Every stage reuses what an earlier run of the same command left (data, shards, finished
 trainings), so an interrupted demo continues where it stopped. On a GPU everything runs there.
 """
