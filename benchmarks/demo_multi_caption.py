@@ -21,8 +21,12 @@ pair's image-detailed-caption similarity s_ic and the DCG weight exp(s_ic - mu_i
 checkpoint's EMA of the detailed slot, `ema_ic_1`), and their ROC-AUC against the hidden
 hallucination flags, overall and by which attribute is wrong. Nothing is tuned to the answer.
 
-    python benchmarks/demo_multi_caption.py                 # 3 seeds, 6 trainings each
+    python benchmarks/demo_multi_caption.py                 # 3 seeds x 6 trainings of 300 steps
     python benchmarks/demo_multi_caption.py --seeds 0 1 2 --runs generic all --out benchmarks/out/mc
+
+Runtime: each training is a demo run (114-123 s on 2 CPU cores for the demo configs, "all" a little
+more: it encodes both captions) plus its evaluations, so about 15-20 min per seed on 2 idle cores, about
+an hour for 3 seeds (an estimate from the demo's measured runs, not a full-size measurement).
 
 A rerun with the same arguments reuses each seed's data, shards and finished trainings (the demo's
 own reuse) and only re-evaluates, so its timings are not those of a full run.
