@@ -241,14 +241,9 @@ class AlipLoss(nn.Module):
         p = self.caption_weights
         loss_raw = (w.sample[rows] * w.raw[rows] * ce_raw).mean()
         loss_caption = sum(pk * term for pk, term in zip(p, terms, strict=True))  # K = 1: 1.0 * term, exact
-        out = {
-            "loss": loss_raw + loss_caption,
-            "loss_raw": loss_raw,
-            "loss_caption": loss_caption,
-            "weight_sample": w.sample,
-            "weight_raw": w.raw,
-            "weight_caption": sum(pk * w_c for pk, w_c in zip(p, w.caption_k, strict=True)),
-        }
+        out = _terms(
+            loss_raw, loss_caption, w.sample, w.raw, sum(pk * w_c for pk, w_c in zip(p, w.caption_k, strict=True))
+        )
         if self.num_sources > 1:
             for name, w_s, w_c, term in zip(self.caption_sources, w.sample_k, w.caption_k, terms, strict=True):
                 out.update({f"{name}/weight_sample": w_s, f"{name}/weight_caption": w_c, f"loss_caption/{name}": term})
@@ -278,14 +273,7 @@ class AlipLoss(nn.Module):
         ce_caption = ce(local[0], local[2], v_all, c_all)
         loss_raw = (w.sample[rows] * w.raw[rows] * ce_raw).mean()
         loss_caption = (w.sample[rows] * w.caption[rows] * ce_caption).mean()
-        out = {
-            "loss": loss_raw + loss_caption,
-            "loss_raw": loss_raw,
-            "loss_caption": loss_caption,
-            "weight_sample": w.sample,
-            "weight_raw": w.raw,
-            "weight_caption": w.caption,
-        }
+        out = _terms(loss_raw, loss_caption, w.sample, w.raw, w.caption)
         with torch.no_grad():
             drew = [source == k for k in range(self.num_sources)]
             for name, d in zip(self.caption_sources, drew, strict=True):  # the samples that drew each source
@@ -417,3 +405,21 @@ class AlipLoss(nn.Module):
 def _masked_mean(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `s` [N] where `mask`; NaN where nothing is (no host sync)."""
     return torch.where(mask, s, torch.zeros_like(s)).sum() / mask.sum()
+
+
+def _terms(
+    loss_raw: torch.Tensor,
+    loss_caption: torch.Tensor,
+    w_sample: torch.Tensor,
+    w_raw: torch.Tensor,
+    w_caption: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The output every K-source mode shares: the loss, its two terms and the weights they used."""
+    return {
+        "loss": loss_raw + loss_caption,
+        "loss_raw": loss_raw,
+        "loss_caption": loss_caption,
+        "weight_sample": w_sample,
+        "weight_raw": w_raw,
+        "weight_caption": w_caption,
+    }
