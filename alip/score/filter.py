@@ -400,6 +400,9 @@ def _filter(scores_csv, spec, out, rule, prefix, checkpoint, overwrite, progress
         dropped_report, scores, {int(r): str(why) for r, why in zip(rows[~kept], reasons[~kept], strict=True)}
     )
     counts = dict(sorted(Counter(reasons[~kept].tolist()).items()))
+    copied = sum(r.records for r in results)
+    if copied != int(kept.sum()):  # every record is copied once or dropped with a reason
+        raise RuntimeError(f"bookkeeping error: {copied} records copied, {int(kept.sum())} kept")
     meta_path = schema.meta_path(out, prefix)
     write_json_atomic(meta_path, _meta(source, results, scores, rule, checkpoint, counts, len(kept), dropped_report))
     return FilterReport(meta_path, len(kept), int(kept.sum()), counts, dropped_report, len(results) - reused, reused)
