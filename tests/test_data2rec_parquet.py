@@ -19,7 +19,8 @@ from shard_factory import PHOTOS, jpeg_bytes, photo, read_packed
 
 from alip.data import schema
 from alip.data.convert import ConvertOptions, convert
-from alip.data.sources import BadTokens, Columns, InputError, check_token_ids
+from alip.data.sources import Columns, InputError
+from alip.data.typed_columns import BadTokens, check_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")

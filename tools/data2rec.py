@@ -65,7 +65,7 @@ import sys
 from pathlib import Path
 
 from alip.cli import add_debug_flag, guarded
-from alip.data import sources
+from alip.data import sources, typed_columns
 from alip.data.convert import ConvertOptions, convert
 from alip.data.sources import CaptionSource, Columns
 
@@ -258,11 +258,11 @@ def caption_slots(given: list[tuple[str, str]]) -> tuple[str | None, Path | None
 
 
 _FLAG_OF_KIND = {
-    sources.IMAGE_PATH: "--image-col (with --image-root: the folder the paths are relative to)",
-    sources.IMAGE_BYTES: "--image-col",
-    sources.IMAGE_STRUCT: "--image-col",
-    sources.TEXT: "--text-col or --caption-col",
-    sources.TOKEN_IDS: "--text-col or --caption-col",
+    typed_columns.IMAGE_PATH: "--image-col (with --image-root: the folder the paths are relative to)",
+    typed_columns.IMAGE_BYTES: "--image-col",
+    typed_columns.IMAGE_STRUCT: "--image-col",
+    typed_columns.TEXT: "--text-col or --caption-col",
+    typed_columns.TOKEN_IDS: "--text-col or --caption-col",
 }
 _CAPTION_NAME = re.compile(r"cap|synth|generated|blip|llm", re.IGNORECASE)
 _KEY_NAME = re.compile(r"^(key|id|uid|sample_?id|photo_?id|__key__)$", re.IGNORECASE)
@@ -270,28 +270,30 @@ _KEY_NAME = re.compile(r"^(key|id|uid|sample_?id|photo_?id|__key__)$", re.IGNORE
 
 def schema_report(path: Path) -> str:
     """The columns of `path` with their kinds, and a data2rec command line guessed from them."""
-    num_rows, columns = sources.describe_columns(path)
+    num_rows, columns = typed_columns.describe_columns(path)
     rows = f"{num_rows} rows" if num_rows is not None else "rows not counted"
     lines = [f"{path} ({rows})", f"  {'column':<24} {'type':<36} {'kind':<16} flag"]
     for c in columns:
         flag = "--tokens-npy" if path.suffix == ".npy" else _FLAG_OF_KIND.get(c.kind, "")
         if c.label_layout:
             flag = f"--tokens-col ({c.width // 77} texts of 77 ids: raw text, caption, ...; --token-slots picks)"
-        if _KEY_NAME.match(c.name) and c.kind not in (*sources.IMAGE_KINDS, sources.IMAGE_PATH):
+        if _KEY_NAME.match(c.name) and c.kind not in (*typed_columns.IMAGE_KINDS, typed_columns.IMAGE_PATH):
             flag = "--key-col"
         lines.append(f"  {c.name:<24} {c.type[:36]:<36} {c.kind:<16} {flag}")
         if c.example:
             lines.append(f"  {'':<24} e.g. {c.example}")
     if path.suffix == ".npy":
         return "\n".join(lines)
-    images = [c for c in columns if c.kind in sources.IMAGE_KINDS] or [
-        c for c in columns if c.kind == sources.IMAGE_PATH
+    images = [c for c in columns if c.kind in typed_columns.IMAGE_KINDS] or [
+        c for c in columns if c.kind == typed_columns.IMAGE_PATH
     ]
     labels = [c for c in columns if c.label_layout]
     texts = [
         c
         for c in columns
-        if c.kind in (sources.TEXT, sources.TOKEN_IDS) and not c.label_layout and not _KEY_NAME.match(c.name)
+        if c.kind in (typed_columns.TEXT, typed_columns.TOKEN_IDS)
+        and not c.label_layout
+        and not _KEY_NAME.match(c.name)
     ]
     captions = [c for c in texts if _CAPTION_NAME.search(c.name)]
     raws = [c for c in texts if c not in captions]
@@ -299,7 +301,7 @@ def schema_report(path: Path) -> str:
     cmd = ["python", "tools/data2rec.py", str(path)]
     if images:
         cmd += ["--image-col", images[0].name]
-        if images[0].kind == sources.IMAGE_PATH:
+        if images[0].kind == typed_columns.IMAGE_PATH:
             cmd += ["--image-root", "IMAGE_FOLDER"]
     if labels:
         cmd += ["--tokens-col", labels[0].name]

@@ -47,15 +47,13 @@ from alip.data.sources import (
     InputError,
     Skip,
     SourceSample,
-    decode_tokens,
     manifest_samples,
-    open_tokens_npy,
     read_caption_sidecar,
     read_image_bytes,
-    read_inputs,
     read_sidecar_header,
     tar_samples,
 )
+from alip.data.typed_columns import decode_tokens, open_tokens_npy, read_inputs
 from alip.files import FolderLock, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -68,7 +66,7 @@ class ConvertOptions:
     image_root: Path | None = None
     columns: Columns = field(default_factory=Columns)
     captions: Path | None = None  # caption sidecar (JSONL/parquet), joined by key or path
-    tokens_npy: Path | None = None  # [N, 154] or [N, 77] token ids, row i for input row i (sources.open_tokens_npy)
+    tokens_npy: Path | None = None  # [N, 154] or [N, 77] token ids, row i for input row i (open_tokens_npy)
     require_caption: bool = True  # False: samples without a caption get an empty one (CLIP-only data)
     shard_records: int = 10_000
     shard_bytes: int | None = None  # estimated from the input sizes
