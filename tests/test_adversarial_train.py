@@ -263,8 +263,23 @@ def test_an_unusable_newest_checkpoint_is_set_aside_not_overwritten(tmp_path):
     damaged = newest.read_bytes()
     start = ckpt.resolve_resume("latest", tmp_path)
     assert start.name == "step-00000001.pt"
-    ckpt.claim_directory(tmp_path, start)
+    unusable = ckpt.claim_directory(tmp_path, start)
+    assert newest.read_bytes() == damaged  # claiming only decides; nothing moves before the resume is accepted
+    ckpt.set_aside(unusable)
     assert not newest.exists() and (tmp_path / "step-00000002.pt.unusable").read_bytes() == damaged
+
+
+def test_a_refused_resume_does_not_set_aside_a_damaged_newer_checkpoint(shards, tmp_path):
+    out = tmp_path / "a"
+    run(shards, out, "train.max_steps=4")
+    newest = out / "checkpoints" / "step-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # damaged: latest is now step 2, with step 4 to set aside
+    before = snapshot(out)
+    with pytest.raises(UserError, match="loss.power 2.0 -> 3.0"):
+        run(shards, out, "train.max_steps=4", "loss.power=3.0", resume="latest")
+    assert snapshot(out) == before  # the damaged file is still where the user left it
+    run(shards, out, "train.max_steps=4", resume="latest")  # accepted: now it is set aside
+    assert (out / "checkpoints" / "step-00000004.pt.unusable").exists()
 
 
 # ----- item 7: the global RNG stream is exact across a mid-epoch resume --------------------------------

@@ -210,9 +210,11 @@ def resolve_resume(resume: str | None, directory: str | Path) -> Path | None:
     return path
 
 
-def claim_directory(directory: str | Path, start: Path | None) -> None:
+def claim_directory(directory: str | Path, start: Path | None) -> list[Path]:
     """Before a run writes into `directory`: refuse where it would overwrite or prune checkpoints it did
-    not write, and set aside unusable ones newer than `start` (the checkpoint resumed; None: fresh)."""
+    not write. Returns the unusable checkpoints newer than `start` (the checkpoint resumed; None: fresh),
+    which `set_aside` moves out of the way once nothing else can refuse the run: a refused resume
+    leaves the folder as it was."""
     directory = Path(directory)
     existing = list_checkpoints(directory)
     if start is None and existing:
@@ -226,7 +228,7 @@ def claim_directory(directory: str | Path, start: Path | None) -> None:
                 f"{directory} holds checkpoints of another run (newest {existing[-1].name}), which resuming "
                 f"{start} there would overwrite or prune: choose another output_dir"
             )
-        return
+        return []
     newer = [p for p in existing if step_of(p) > step_of(start)]
     usable = [p.name for p in newer if is_complete(p)]
     if usable:
@@ -234,7 +236,13 @@ def claim_directory(directory: str | Path, start: Path | None) -> None:
             f"{directory} holds checkpoints newer than {start.name} ({', '.join(usable)}), which this run "
             "would overwrite: move them away, or resume into another output_dir"
         )
-    for path in newer:
+    return newer
+
+
+def set_aside(unusable: list[Path]) -> None:
+    """Rename unusable checkpoints (and their manifests) to `*.unusable`: kept for inspection, never
+    overwritten by the steps this run writes again."""
+    for path in unusable:
         for part in (path, path.with_suffix(".json")):
             if part.exists():
                 part.rename(part.with_name(part.name + ".unusable"))

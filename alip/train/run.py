@@ -21,7 +21,7 @@ from alip.config import Config, ConfigError, RunShape, save_config, validate
 from alip.distributed import DistEnv, get_rank, init_distributed, read_env
 from alip.files import FolderLock
 from alip.model import quiet_random_init
-from alip.train.checkpoint import checkpoint_dir, claim_directory, load_training_state, resolve_resume
+from alip.train.checkpoint import checkpoint_dir, claim_directory, load_training_state, resolve_resume, set_aside
 from alip.train.resume import check_resume
 from alip.train.trainer import Trainer
 
@@ -87,8 +87,9 @@ def claim_run_dir(run_dir: Path, lock: FolderLock) -> None:
     lock.acquire()
 
 
-def start_checkpoint(resume: str | None, directory: Path) -> Path | None:
-    """Rank 0: the checkpoint to start from (None: from scratch), once the folder may be written.
+def start_checkpoint(resume: str | None, directory: Path) -> tuple[Path | None, list[Path]]:
+    """Rank 0: the checkpoint to start from (None: from scratch), once the folder may be written, and
+    the unusable newer checkpoints to set aside once the resume is accepted (`claim_directory`).
 
     A worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) continues from the latest."""
     if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -96,8 +97,7 @@ def start_checkpoint(resume: str | None, directory: Path) -> Path | None:
     start = resolve_resume(resume, directory)
     if start is None and resume is not None:
         logger.info("--resume %s: no checkpoint yet, starting from scratch", resume)
-    claim_directory(directory, start)
-    return start
+    return start, claim_directory(directory, start)
 
 
 def batch_split_hint(cfg: Config, world_size: int) -> str | None:
@@ -156,10 +156,12 @@ def prepare(
 ) -> Trainer:
     """The trainer, at step 0 or at the checkpoint's step. Everything that can refuse (the checkpoint,
     the config's changes) does so before the first write: a refused resume leaves config.yaml as it was."""
-    start = on_rank0(lambda: start_checkpoint(resume, checkpoint_dir(run_dir)))
+    start, unusable = on_rank0(lambda: start_checkpoint(resume, checkpoint_dir(run_dir)))
     state = load_training_state(start) if start is not None else None
     if state is not None:
         check_resume(state, cfg, shape.world_size, reshard)
+    if get_rank() == 0:
+        set_aside(unusable)  # only now: a refused resume leaves the folder as it was
     # open_clip's "initialized randomly" would mislead where the checkpoint's weights are loaded right after
     with quiet_random_init() if state is not None else contextlib.nullcontext():
         trainer = Trainer(cfg, shape, run_dir, device)
