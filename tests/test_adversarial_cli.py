@@ -117,6 +117,7 @@ def test_demo_missing_configs(tmp_path):
 # ---------------------------------------------------------------- item 18: offline captioning
 
 
+@pytest.mark.slow
 def test_caption_without_network_fails_in_seconds_with_one_line(tmp_path):
     """The real thing: no HF_HUB_OFFLINE, a model id that is not cached. Where the hub cannot be
     reached (this test's machines), huggingface_hub used to retry for 146 s and print 60 lines;

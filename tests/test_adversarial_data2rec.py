@@ -244,6 +244,7 @@ def shard_of(image, manifest, opts):
     return next(t.stem for t in plan_shards(samples, opts) if any(Path(s.image).name == image for _, s in t.items))
 
 
+@pytest.mark.slow
 def test_killed_worker_fails_fast_naming_its_shard_and_a_rerun_finishes(images, tmp_path):
     """A worker blocks on a FIFO 'image', so it is surely mid-shard, and is killed with SIGKILL."""
     img = tmp_path / "img"

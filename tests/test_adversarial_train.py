@@ -8,7 +8,9 @@ the tiny config (configs/tiny_cpu.yaml) for a few steps on the 24-record test sh
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import types
 import typing
 
@@ -312,7 +314,7 @@ def test_mid_epoch_resume_of_a_dropout_model_is_bitwise_identical(shards, tmp_pa
 def test_a_second_trainer_on_a_held_folder_is_refused_with_the_holders_pid(shards, tmp_path):
     out = tmp_path / "a"
     with FolderLock(out, "alip.train"):
-        with pytest.raises(FolderLockedError, match=f"PID {os.getpid()}"):
+        with pytest.raises(FolderLockedError, match=re.escape(f"PID {os.getpid()} on host {socket.gethostname()}")):
             run(shards, out, "train.max_steps=1")
     assert not (out / "checkpoints").exists()
     with pytest.raises(UserError):  # a refused run releases the lock too
