@@ -311,3 +311,127 @@ def test_workers_in_processes_read_row_groups_and_the_npy(hub_parquet, tmp_path)
     records = read_records(report.meta_path)
     for key, (_, cap, _, _) in records.items():
         assert cap.tolist() == labels[int(key), 77:].tolist()  # default keys: the row numbers
+
+
+@pytest.mark.parametrize("image_col", ["image", "jpg"])
+def test_parquet_is_read_by_row_group_and_the_index_never_reads_images(hub_parquet, tmp_path, monkeypatch, image_col):
+    """Indexing reads only the cheap columns; the workers read their rows by row group, never a whole file."""
+    from alip.data.convert import index_inputs
+
+    path, rows = hub_parquet
+
+    def whole_file(*args, **kwargs):
+        raise AssertionError("a whole parquet file was read (ParquetFile.read / read_table)")
+
+    monkeypatch.setattr(pq.ParquetFile, "read", whole_file)
+    monkeypatch.setattr(pq, "read_table", whole_file)
+    calls = []  # (row group, the columns asked for; None: all of them)
+    read_row_group = pq.ParquetFile.read_row_group
+
+    def recording(self, i, columns=None, **kwargs):
+        calls.append((i, None if columns is None else tuple(columns)))
+        return read_row_group(self, i, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", recording)
+    groups = pq.ParquetFile(path).num_row_groups
+    assert groups == 5  # 19 rows in row groups of 4
+    opts = opts_for(tmp_path, columns=Columns(image=image_col, text="raw", caption="cap", key="id"), shard_records=5)
+
+    samples, skips = index_inputs([path], opts)
+    assert len(samples) == len(rows) and not skips  # nulls and bad ids are found when the rows are read
+    assert sorted(i for i, _ in calls) == list(range(groups))  # each row group once
+    for _, cols in calls:
+        assert cols is not None and image_col not in cols and not {"raw", "cap"} & set(cols), cols  # only "id"
+
+    calls.clear()
+    report = convert([path], opts)
+    assert report.num_records == N_GOOD
+    packing = [(i, cols) for i, cols in calls if cols is not None and image_col in cols]
+    assert {i for i, _ in packing} == set(range(groups))  # every row group's images read, by row group
+    assert all(cols is not None for _, cols in calls)  # never every column of a row group
+    assert all(set(cols) <= {"id", image_col, "raw", "cap"} for _, cols in calls)
+    records = read_records(report.meta_path)
+    for row in rows[:N_GOOD]:
+        assert records[str(row["id"])][2] == row["jpg"]
+
+
+def test_tokens_npy_of_77_ids_gives_the_raw_text_alone(hub_parquet, tmp_path):
+    """An [N, 77] .npy holds raw text ids only: the caption comes from its own column."""
+    path, rows = hub_parquet
+    n = len(rows)
+    raw = np.array([padded(ids_of(f"only the raw text {chr(97 + i)}")) for i in range(n)], np.int32)
+    npy = tmp_path / "raw77.npy"
+    np.save(npy, raw)
+    out = tmp_path / "out"
+    argv = [str(path), "--image-col", "jpg", "--key-col", "id", "--tokens-npy", str(npy), "--caption-col", "cap"]
+    assert run_data2rec([*argv, "--out-dir", str(out), "--workers", "1", "--no-progress"]) == 0
+    records = read_records(out / "train.meta.json")
+    replaced = [r for r in rows[N_GOOD:] if r["name"] in ("big_id", "null_ids")]  # bad only in the raw column
+    assert sorted(records) == sorted(str(r["id"]) for r in rows[:N_GOOD] + replaced)
+    for i, row in enumerate(rows):
+        if str(row["id"]) not in records:
+            continue
+        r, cap, jpeg, entry = records[str(row["id"])]
+        assert r.tolist() == raw[i].tolist() and entry["raw_text"] == f"only the raw text {chr(97 + i)}"
+        assert cap.tolist() == expected_row(row["cap"]) and entry["raw_decoded"] and entry["caption_decoded"]
+        assert jpeg == row["jpg"]
+    reasons = skip_reasons(out)
+    by_name = {r["name"]: reasons.get(str(r["id"])) for r in rows[N_GOOD:]}
+    assert by_name["big_id"] is None and by_name["null_ids"] is None
+    assert by_name["no_end"] == "bad token ids (caption): no end token 49407"
+
+
+def test_show_schema_of_a_tokens_npy(tmp_path, capsys):
+    npy = tmp_path / "labels.npy"
+    np.save(npy, np.zeros((3, 154), np.float32))
+    assert data2rec.main(["--show-schema", str(npy)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{npy} (3 rows)"
+    assert lines[2].split() == ["(array", "[3,", "154])", "float32", "token", "ids", "--tokens-npy"]
+    assert len(lines) == 3  # no command is suggested from an .npy alone: it joins a manifest
+    np.save(npy, np.zeros((3, 100), np.int64))
+    assert run_data2rec(["--show-schema", str(npy)]) == 2
+    assert "shape (3, 100)" in capsys.readouterr().err
+
+
+def test_image_struct_without_bytes_follows_its_path(tmp_path):
+    """A datasets Image that references a file ({bytes: None, path}) reads the file, relative to the
+    parquet's folder or to --image-root; a path that is not there is a reported skip."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    jpegs = []
+    for i in range(3):
+        jpegs.append(jpeg_bytes(photo(PHOTOS[i])[::8, ::8]))
+        (images / f"{i}.jpg").write_bytes(jpegs[-1])
+    rows = [
+        {"id": 0, "image": {"bytes": None, "path": "imgs/0.jpg"}, "raw": ids_of("zero")},
+        {"id": 1, "image": {"bytes": jpegs[1], "path": "elsewhere/1.jpg"}, "raw": ids_of("one")},  # bytes win
+        {"id": 2, "image": {"bytes": None, "path": "imgs/2.jpg"}, "raw": ids_of("two")},
+        {"id": 3, "image": {"bytes": None, "path": "imgs/missing.jpg"}, "raw": ids_of("three")},
+        {"id": 4, "image": {"bytes": None, "path": None}, "raw": ids_of("four")},
+    ]
+    schema_ = pa.schema(
+        [
+            ("id", pa.int64()),
+            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ("raw", pa.list_(pa.int64())),
+        ]
+    )
+    path = tmp_path / "refs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema_), path, row_group_size=2)
+    columns = Columns(image="image", text="raw", key="id")
+    report = convert([path], opts_for(tmp_path / "out", columns=columns, require_caption=False))
+    assert report.num_records == 3
+    records = read_records(report.meta_path)
+    assert {k: v[2] for k, v in records.items()} == {"0": jpegs[0], "1": jpegs[1], "2": jpegs[2]}
+    assert records["2"][0].tolist() == padded(ids_of("two"))
+    reasons = skip_reasons(tmp_path / "out")
+    assert reasons["3"].startswith("unreadable file: ") and reasons["3"].endswith("(imgs/missing.jpg)")
+    assert reasons["4"] == "missing field(s) ['image']"
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    path.rename(moved / path.name)  # the paths no longer resolve next to the parquet: --image-root says where
+    opts = opts_for(tmp_path / "out2", columns=columns, require_caption=False, image_root=tmp_path)
+    report = convert([moved / path.name], opts)
+    assert sorted(read_records(report.meta_path)) == ["0", "1", "2"]
