@@ -45,11 +45,13 @@ class DataConfig:
     crop_attempts: int = 100
     flip_prob: float = 0.5
     # The records of an epoch that do not fill a batch on every rank: "drop" them (fewer than one
-    # global batch per epoch; every batch holds distinct records) or "pad" each rank's last batch by
-    # repeating its last sample (DALI's pad_last_batch; the copies are negatives of each other in
-    # the loss). samples_seen counts the global batch per step: real distinct samples with "drop",
-    # the copies too with "pad". See alip.data.loader_config.
-    last_batch: Literal["drop", "pad"] = "drop"
+    # global batch per epoch), "fill" each rank's last batch with other real records of its own part
+    # (its first ones of the epoch; the release config's), or "pad" it by repeating its last sample
+    # (DALI's pad_last_batch; the copies are negatives of each other in the loss; warns at start).
+    # "drop" and "fill" never put two copies of a record in one batch or global batch. samples_seen
+    # counts the global batch per step: real distinct samples with "drop"; with "fill" and "pad" the
+    # fill rows and copies too (trained rows). See alip.data.loader_config.
+    last_batch: Literal["drop", "fill", "pad"] = "drop"
     shuffle_buffer: int = 4096
     num_threads: int = 4  # DALI threads per rank
     num_workers: int = 4  # torch loader worker processes per rank

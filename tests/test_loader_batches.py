@@ -1,6 +1,7 @@
 """Both loaders at the ends of epochs: no batch holds two copies of a record (unless last_batch=pad, the
-release's), every record once per epoch except the ones dropped and counted, equal steps on every
-rank, exact resume at the point where the dropped tail is read; and the random crop's attempts.
+release's at c507915), every record once per epoch except the ones dropped and counted ("drop") or
+plus fill rows of the rank's own part ("fill"), equal steps on every rank, exact resume at the point
+where the dropped tail is read or the fill rows are used; and the random crop's attempts.
 
 Two ranks are two loader instances (rank=0/1, world_size=2): the loaders need no process group.
 23 records in batches of 4 divide neither the batch nor the ranks: DALI's parts are 11 and 12.
@@ -18,8 +19,8 @@ from shard_factory import write_test_shards
 from torchvision import transforms as T
 
 from alip.config import RunShape, load_config
-from alip.data import schema
-from alip.data.loader_config import LoaderConfig, rank_part
+from alip.data import loader_config, schema
+from alip.data.loader_config import LoaderConfig, fill_rows, rank_part
 from alip.data.recordio import RecordIOWriter
 from alip.data.torch_loader import TorchLoader, build_transform, crop_window
 from alip.train.trainer import build_loader
@@ -125,16 +126,6 @@ def test_pad_repeats_the_last_sample_as_the_release(odd, kind, train):
 def test_resume_is_exact_where_drop_reads_the_tail(odd, kind, consumed, tmp_path):
     cls = loader_class(kind)
     cfg = config()
-
-    def take(loader, n):
-        out = []
-        while len(out) < n:
-            for batch in loader:
-                out.append(batch)
-                if len(out) == n:
-                    break
-        return out
-
     original = cls(odd.meta, cfg, train=True, rank=1, world_size=WORLD, device="cpu")
     take(original, consumed)
     torch.save(original.state_dict(), tmp_path / "state.pt")
@@ -145,6 +136,134 @@ def test_resume_is_exact_where_drop_reads_the_tail(odd, kind, consumed, tmp_path
     for i, (a, b) in enumerate(zip(expected, got, strict=True)):
         for k in ("image", "text", "caption"):
             assert torch.equal(a[k], b[k]), f"batch {i} differs in {k}"
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """17 records: parts of 8 and 9, so that one rank's last batch is all fill (pad: 4 copies of one)."""
+    return write_test_shards(tmp_path_factory.mktemp("s17"), num_records=17, per_shard=10)
+
+
+def take(loader, n):
+    """The next `n` batches, over epoch ends; a loop left early continues where it stopped."""
+    out = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+def assert_fill_epoch(by_step, num_records, epoch, kind):
+    """One epoch of "fill" on every rank: see test_fill_completes_the_last_batch_with_the_ranks_first_records."""
+    steps = math.ceil(math.ceil(num_records / WORLD) / BATCH)  # pad's
+    assert len(by_step) == steps
+    for step in by_step:
+        global_batch = [k for batch in step for k in batch]  # what the contrastive loss gathers
+        assert all(len(batch) == BATCH for batch in step)
+        assert len(set(global_batch)) == len(global_batch), f"copies in one step: {step}"
+    per_rank = []
+    for rank in range(WORLD):
+        mine = [k for step in by_step for k in step[rank]]
+        begin, end = rank_part(num_records, WORLD, (rank + epoch) % WORLD)
+        fill = fill_rows(num_records, BATCH, WORLD, (rank + epoch) % WORLD)
+        assert fill == steps * BATCH - (end - begin) and len(mine) == steps * BATCH
+        # the part's records, each once, then its first `fill` again: the rank's own, in the same epoch
+        assert len(set(mine[: end - begin])) == end - begin and mine[end - begin :] == mine[:fill]
+        if kind == "dali":  # DALI shuffles within each part of the file order
+            assert set(mine) == set(range(begin, end))
+        per_rank.append(set(mine))
+    assert set.union(*per_rank) == set(range(num_records))  # every record at least once
+    assert sum(len(r) for r in per_rank) == num_records  # parts disjoint: the fill rows are the rank's own
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_records", [RECORDS, 17])  # fill rows 1 / 0 and 0 / 4 (a whole batch)
+def test_fill_completes_the_last_batch_with_the_ranks_first_records(odd, small, kind, num_records):
+    loaders = ranks(kind, (odd if num_records == RECORDS else small).meta, train=True, last_batch="fill")
+    pad = ranks("torch", (odd if num_records == RECORDS else small).meta, train=True, last_batch="pad")
+    assert [len(loader) for loader in loaders] == [len(pad[0])] * WORLD == [3] * WORLD
+    assert {loader.dropped_per_epoch for loader in loaders} == {0}
+    for epoch, by_step in enumerate(epochs(loaders, 3)):
+        assert_fill_epoch(by_step, num_records, epoch, kind)
+
+
+@pytest.mark.parametrize("consumed", [1, 2, 4])  # mid-epoch; just before the last batch (which fills); epoch 1
+def test_fill_resumes_exactly_on_the_torch_loader(odd, consumed, tmp_path):
+    cfg = config(last_batch="fill")
+    original = TorchLoader(odd.meta, cfg, train=True, rank=0, world_size=WORLD, device="cpu")  # part 0: 11, 1 fill
+    take(original, consumed)
+    torch.save(original.state_dict(), tmp_path / "state.pt")
+    expected = take(original, 6)
+    resumed = TorchLoader(odd.meta, cfg, train=True, rank=0, world_size=WORLD, device="cpu")
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    got = take(resumed, 6)
+    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+        for k in ("image", "text", "caption"):
+            assert torch.equal(a[k], b[k]), f"batch {i} differs in {k}"
+
+
+@pytest.mark.parametrize("consumed", [1, 2])  # 1: rows kept from batch 1; 2: the last batch first (fallback)
+@pytest.mark.parametrize("data", ["odd", "small"])
+def test_fill_after_a_dali_resume_still_holds_no_copies(request, data, consumed, tmp_path):
+    """Rank 0 reads part 0 in epoch 0, 11 records of 23 (its last batch: 3 of its own and 1 fill row) or
+    8 of 17 (4 fill rows). A resume keeps the fill rows from the first batch it reads; one that lands on
+    the last batch reads a fresh pipeline. Every batch but that last one is the uninterrupted run's."""
+    from alip.data.dali import DaliLoader
+
+    shards = request.getfixturevalue(data)
+    part = rank_part(len(shards.keys), WORLD, 0)[1]
+    cfg = config(last_batch="fill")
+    original = DaliLoader(shards.meta, cfg, train=True, rank=0, world_size=WORLD, device="cpu")
+    first = take(original, consumed)
+    torch.save(original.state_dict(), tmp_path / "state.pt")
+    expected = take(original, 3 - consumed + 3)  # the rest of epoch 0 and epoch 1
+    resumed = DaliLoader(shards.meta, cfg, train=True, rank=0, world_size=WORLD, device="cpu")
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    got = take(resumed, len(expected))
+    last = 3 - consumed - 1  # the last batch of epoch 0 among `got`
+    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+        if i != last:
+            for k in ("image", "text", "caption"):
+                assert torch.equal(a[k], b[k]), f"batch {i} differs in {k}"
+    epoch0 = [keys(b) for b in first + got[: last + 1]]
+    assert all(len(set(batch)) == BATCH for batch in epoch0)
+    assert {k for batch in epoch0 for k in batch} == set(range(part))  # part 0, every record
+    filled = got[last]
+    for i, key in enumerate(keys(filled)):  # every row's tokens are its record's
+        assert torch.equal(filled["caption"][i], torch.from_numpy(shards.caption_tokens[key]))
+
+
+def test_dali_fill_fallback_takes_no_record_of_the_last_batch(odd):
+    """The fallback reads a fresh pipeline's first batch of the part (same seed: the same batch every
+    time) and skips the records the last batch holds already, named by .rec path and byte offset."""
+    from alip.data.dali import DaliLoader
+
+    loader = DaliLoader(odd.meta, config(last_batch="fill"), train=True, rank=0, world_size=WORLD, device="cpu")
+    fresh = loader._next(loader._build(first_part=0))  # what the fallback will read
+    rows = loader._fallback_fill(fresh["source"][:3], 1, part=0)  # as if the last batch held these 3
+    assert torch.equal(rows["label"], fresh["label"][3:4]) and torch.equal(rows["image"], fresh["image"][3:4])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fill_refuses_a_part_smaller_than_one_batch(odd, kind):
+    with pytest.raises(
+        ValueError, match=r"data\.last_batch=fill .* parts of 11 .*batch_size is 12.*data\.last_batch=pad"
+    ):
+        loader_class(kind)(odd.meta, config(batch_size=12, last_batch="fill"), rank=0, world_size=WORLD, device="cpu")
+    loader_class(kind)(odd.meta, config(batch_size=11, last_batch="fill"), rank=0, world_size=WORLD, device="cpu")
+    # eval mode never fills: every record once, the last batches short
+    assert len(loader_class(kind)(odd.meta, config(batch_size=12, last_batch="fill"), False, 0, WORLD, "cpu")) == 1
+
+
+def test_pad_warns_once_that_it_repeats_samples(odd, caplog, monkeypatch):
+    monkeypatch.setattr(loader_config, "_pad_warned", False)
+    with caplog.at_level("WARNING", logger="alip.data.loader_config"):
+        ranks("torch", odd.meta, train=True, last_batch="pad")
+        ranks("torch", odd.meta, train=True, last_batch="fill")
+    warned = [r.getMessage() for r in caplog.records if "repeats samples within a batch" in r.getMessage()]
+    assert len(warned) == 1 and "data.last_batch=pad" in warned[0]
 
 
 def test_state_of_another_last_batch_mode_is_refused(odd):
@@ -164,10 +283,10 @@ def test_drop_refuses_a_dataset_smaller_than_one_global_batch(odd):
 
 
 def test_trainer_passes_the_options_to_the_loader(odd):
-    options = ["data.loader=torch", "data.num_workers=0", "data.last_batch=pad", "data.crop_attempts=7"]
+    options = ["data.loader=torch", "data.num_workers=0", "data.last_batch=fill", "data.crop_attempts=7"]
     cfg = load_config(None, [f"data.train={odd.meta}", *options])
     loader = build_loader(cfg, RunShape(1, 4, 4), torch.device("cpu"))
-    assert (loader.config.last_batch, loader.config.crop_attempts, len(loader)) == ("pad", 7, 6)
+    assert (loader.config.last_batch, loader.config.crop_attempts, len(loader)) == ("fill", 7, 6)
     assert build_transform(loader.config, train=True).transforms[0].attempts == 7
 
 

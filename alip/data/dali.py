@@ -15,9 +15,27 @@ to the next shard after every epoch (no `stick_to_shard`), so over W epochs ever
 record. The reader always runs with `pad_last_batch=True`: each rank's share is padded to whole
 batches by repeating its last sample, equal on every rank, and an epoch never reads into the next.
 `config.last_batch` (see alip.data.loader_config) then decides what this loader yields: "pad" (the
-release) yields the padded batches as they are; "drop" yields only the batches every rank fills
-with real records and reads the rest of the epoch without yielding it (at most one batch); eval
-mode without "pad" cuts the padding off the last batches, so every record comes exactly once.
+release at c507915) yields the padded batches as they are; "fill" (the release config's) replaces
+the padded rows of each rank's last batch with other records of its part (below); "drop" yields
+only the batches every rank fills with real records and reads the rest of the epoch without
+yielding it (at most one batch); eval mode without "pad" cuts the padding off the last batches, so
+every record comes exactly once.
+
+"fill". DALI shuffles within a buffer, so the loader cannot ask for particular records; it keeps
+what it needs from what it has read. The number of padded rows of this rank's last batch is known
+from its part's size (`loader_config.fill_rows`, 0 to B), so the loader keeps that many rows of
+the first batch it yields in an epoch (images, labels and source names, cloned, on the device they
+came on: fill x 3 x H x W float32, at most 308 MB at B = 512, 224 px) and puts them in place of the
+padded rows of the last batch. The first batch and the last are different batches (every part
+holds at least one batch, which `steps_per_epoch` asks of "fill"), and parts are disjoint across
+ranks, so no batch and no global batch holds a record twice. After a mid-epoch resume the kept
+rows come from the first batch read after the resume, not the epoch's first: the uninterrupted
+run's last batch and the resumed run's differ in those rows (every other batch is exact), and
+still hold no copies. Where the resume lands on the last batch itself, nothing earlier of the
+epoch is left to keep: the loader reads the first batch of this rank's part from a fresh,
+throwaway pipeline (same seed, so the same on every such resume) and takes the rows whose records
+(compared by .rec path and byte offset) are not among the last batch's own, which are always
+enough: that batch has B distinct records of the part and the last batch B - fill of them.
 
 Damaged records. The start-up check reads sizes, counts, the .idx and the framing of three records
 per shard (`full_check`: of every record). Every batch's labels are checked on the host
@@ -48,6 +66,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -57,6 +76,7 @@ from alip.data.loader_config import (
     batch_rows,
     check_loader_state,
     dropped_per_epoch,
+    fill_rows,
     place_loader,
     steps_per_epoch,
 )
@@ -187,6 +207,8 @@ class DaliLoader:
         # DALI's shard (part) for the pipeline's first epoch; it moves on by one per epoch. `rank` unless
         # the pipeline was built for a later epoch (restart_epoch), so that part = (rank + epoch) % W.
         self._first_part = self.rank
+        # "fill": rows kept from the epoch's first batch read, for the last batch's padded rows (module docstring)
+        self._fill_cache: dict[str, torch.Tensor] | None = None
         self.shards_digest = position.shards_digest(self.shards)
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         if len(self.shards) == 1:
@@ -210,14 +232,15 @@ class DaliLoader:
             "GPU" if self.device.type == "cuda" else "CPU",
         )
 
-    def _build(self, checkpoint: bytes | None = None) -> DALIGenericIterator:
+    def _build(self, checkpoint: bytes | None = None, first_part: int | None = None) -> DALIGenericIterator:
+        """The pipeline and its iterator, its first epoch on `first_part` (default: the loader's)."""
         cuda = self.device.type == "cuda"
         pipe = _alip_pipeline(
             paths=[str(s.rec_path) for s in self.shards],
             index_path=self._index_path,
             config=self.config,
             train=self.train,
-            shard_id=self._first_part,
+            shard_id=self._first_part if first_part is None else first_part,
             num_shards=self.world_size,
             decode_device="mixed" if cuda else "cpu",
             batch_size=self.config.batch_size,
@@ -255,9 +278,15 @@ class DaliLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """The rest of the current epoch (all of it unless restored mid-epoch), then epoch += 1."""
         iterator = self._live_iterator()
+        part = (self.rank + self.epoch) % self.world_size
+        fill = fill_rows(self.num_records, self.config.batch_size, self.world_size, part) if self.mode == "fill" else 0
+        last = self.steps_per_epoch - 1
         while self.step < self.steps_per_epoch:
             out = self._next(iterator)
-            part = (self.rank + self.epoch) % self.world_size
+            if fill and self.step < last and self._fill_cache is None:
+                self._fill_cache = {k: out[k][:fill].clone() for k in ("image", "label", "source")}
+            if fill and self.step == last:
+                out = self._filled(out, fill, part)
             rows = batch_rows(self.num_records, self.config.batch_size, self.world_size, part, self.step, self.mode)
             self.step += 1
             yield self._to_batch(out["image"][:rows], out["label"][:rows], out["source"][:rows])
@@ -269,6 +298,39 @@ class DaliLoader:
         iterator.reset()
         self.epoch += 1
         self.step = 0
+        self._fill_cache = None
+
+    def _filled(self, out: dict[str, torch.Tensor], fill: int, part: int) -> dict[str, torch.Tensor]:
+        """The last batch of an epoch with its `fill` padded rows (the tail) replaced by kept rows."""
+        cache = self._fill_cache
+        if cache is None:  # the resume landed on the last batch: nothing of the epoch was kept
+            cache = self._fallback_fill(out["source"][: len(out["source"]) - fill], fill, part)
+        self._fill_cache = None
+        real = len(out["image"]) - fill
+        width = max(out["source"].shape[-1], cache["source"].shape[-1])
+        sources = [F.pad(t, (0, width - t.shape[-1])) for t in (out["source"][:real], cache["source"])]
+        return {
+            "image": torch.cat([out["image"][:real], cache["image"]]),
+            "label": torch.cat([out["label"][:real], cache["label"]]),
+            "source": torch.cat(sources),
+        }
+
+    def _fallback_fill(self, sources: torch.Tensor, fill: int, part: int) -> dict[str, torch.Tensor]:
+        """`fill` rows of records of `part` not named in `sources` (the last batch's real rows), from the
+        first batch of a fresh, throwaway pipeline on that part (module docstring)."""
+        logger.warning(
+            "last_batch=fill: resumed at the last batch of epoch %d, no earlier batch of it kept: reading %d "
+            "fill rows from a fresh pipeline on this rank's part",
+            self.epoch,
+            fill,
+        )
+        taken = {_source_name(s) for s in sources}
+        out = self._next(self._build(first_part=part))
+        keep = [i for i, s in enumerate(out["source"]) if _source_name(s) not in taken][:fill]
+        if len(keep) < fill:  # cannot happen: B distinct records of the part, at most B - fill of them taken
+            raise RuntimeError(f"last_batch=fill: {len(keep)} fill rows found, {fill} needed")
+        index = torch.tensor(keep)
+        return {k: out[k][index.to(out[k].device)].clone() for k in ("image", "label", "source")}
 
     def _next(self, iterator: DALIGenericIterator) -> dict[str, torch.Tensor]:
         try:
@@ -378,6 +440,7 @@ class DaliLoader:
         self._iterator = self._build(checkpoint)
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
+        self._fill_cache = None  # "fill": kept again from the first batch read now (module docstring)
 
     def same_data(self, state: dict[str, Any]) -> bool:
         """Whether `state` (any rank's, any world size) was written for these records. A state from before
@@ -410,6 +473,7 @@ class DaliLoader:
         self._first_part = (self.rank + epoch) % self.world_size
         self._iterator = self._build()
         self.epoch, self.step = epoch, 0
+        self._fill_cache = None
 
     def close(self) -> None:
         """Release the pipeline's threads and memory and the temporary index."""
@@ -417,6 +481,11 @@ class DaliLoader:
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
+
+
+def _source_name(source: torch.Tensor) -> bytes:
+    """A record's DALI source info ("<.rec path> at index <byte offset>") without its zero padding."""
+    return bytes(source.numpy()).rstrip(b"\0")
 
 
 def _dali_error(error: RuntimeError) -> str:

@@ -17,13 +17,23 @@ batches, and parts can differ by one record; `last_batch` says what happens to t
   over (fewer than W * B per epoch, `dropped_per_epoch`) are not read this epoch. Every batch, and
   every step's global batch over all ranks, holds distinct records, and the trainer's
   `samples_seen` (global batch per step) counts real, distinct samples.
-- "pad" (DALI's `pad_last_batch=True`): every rank takes ceil(ceil(N / W) / B) batches; a part
-  that does not fill them is padded by repeating its last sample (fewer than W * B copies per
-  epoch, but up to a whole batch of one sample where parts differ by one record). The copies sit
-  in one batch, where a contrastive loss treats them as negatives of each other; `samples_seen`
-  counts them as samples.
+- "fill" (the release config's): every rank takes as many full batches as "pad",
+  ceil(ceil(N / W) / B), and the positions "pad" fills with copies of the part's last sample hold
+  other real records of the same rank's part in the same epoch: the first ones of the part's order
+  (the torch loader reads them again by index; DALI's loader keeps them from the first batch it
+  yields in the epoch, see alip.data.dali). Parts are disjoint, so no batch and no global batch
+  holds two copies of a record; the fill rows are records this epoch has already trained on once
+  (fewer than B per rank per epoch). `samples_seen` counts them, as it counts "pad"'s copies: they
+  are trained rows. Needs every rank's part to hold at least one batch (`steps_per_epoch` refuses
+  it otherwise: the fill rows would then be records of the same batch).
+- "pad" (DALI's `pad_last_batch=True`, the release's at c507915): every rank takes ceil(ceil(N / W) / B)
+  batches; a part that does not fill them is padded by repeating its last sample (fewer than W * B
+  copies per epoch, but up to a whole batch of one sample where parts differ by one record). The
+  copies sit in one batch, where a contrastive loss treats them as negatives of each other;
+  `samples_seen` counts them as samples. Kept so that runs started with it resume unchanged; it logs
+  a warning at loader start.
 
-Eval mode (train=False) never drops a record: "pad" pads as above, anything else yields the last
+Eval mode (train=False) never drops or repeats a record: "pad" pads as above, anything else yields the last
 batches short (even empty on a rank whose part ran out), so that every record comes exactly once
 and every rank still takes the same number of steps.
 """
@@ -44,7 +54,7 @@ from alip.distributed import read_env
 logger = logging.getLogger(__name__)
 
 # What happens to the records of an epoch that do not fill a batch on every rank (module docstring).
-LAST_BATCH_MODES = ("pad", "drop")
+LAST_BATCH_MODES = ("drop", "fill", "pad")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -90,15 +100,18 @@ class LoaderConfig:
         frame header in the middle of a shard and a record split inside its IRHeader, which the
         default check sees only in its three sampled records. Run it once after copying the data
         (inspect_rec.py) rather than at every start.
-    last_batch: "drop" (default) or "pad" (DALI's `pad_last_batch`): what happens to the records
-        of an epoch that do not make a full batch on every rank; see the module docstring. Why
-        "drop" rather than filling the last batch with other real records: DALI's reader shuffles
-        within a buffer, so the loader cannot choose the filling records, and DALI's own filling
-        (`pad_last_batch=False`: read on into the next epoch's part) can take records that another
-        rank reads in the same step, or, with one rank, the same batch. Dropping keeps every global
-        batch free of copies in both loaders, keeps epochs and resume exact, and costs fewer than
-        W * B records an epoch (under 0.03% of YFCC15M at W=8, B=512), other ones every epoch when
-        shuffling; open_clip's training loaders drop the last batch too (`drop_last`).
+    last_batch: "drop" (default), "fill" or "pad" (DALI's `pad_last_batch`): what happens to the
+        records of an epoch that do not make a full batch on every rank; see the module docstring.
+        "drop" and "fill" keep every global batch free of copies in both loaders. "fill" completes
+        each rank's last batch with other records of its own part (the release config's choice: the
+        release's DALI reader at 8657eef completes the last batch with other real samples, by reading
+        on into the next epoch's part, `pad_last_batch=False`, which can take records that another
+        rank reads in the same step, or, with one rank, the same batch: "fill" does not). "drop"
+        keeps epochs and resume exact in both loaders (DALI's "fill" after a mid-epoch resume is
+        close, not exact: alip.data.dali) and costs fewer than W * B records an epoch (under 0.03%
+        of YFCC15M at W=8, B=512), other ones every epoch when shuffling; open_clip's training
+        loaders drop the last batch too (`drop_last`). "pad" repeats a sample within a batch and
+        warns so.
     deep_check: also run the deep check at start (`schema.deep_check_shard`: checksums against the meta
         JSON, every label, every image decoded). Reads and decodes the whole dataset, on every
         rank: for small datasets, or once after copying; `tools/inspect_rec.py --check --deep`
@@ -150,12 +163,15 @@ class LoaderConfig:
             raise ValueError(f"last_batch must be one of {', '.join(LAST_BATCH_MODES)}, got {self.last_batch!r}")
 
     def epoch_mode(self, train: bool) -> str:
-        """How a loader in train or eval mode cuts the epoch: "pad", "drop" or "trim" (eval never drops)."""
-        if self.last_batch == "drop" and not train:
+        """How a loader in train or eval mode cuts the epoch: "drop", "fill", "pad" or "trim" (eval
+        never drops nor fills: every record exactly once). Called by each loader at its start."""
+        if self.last_batch != "pad" and not train:
             return "trim"
         if self.last_batch == "drop" and not self.shuffle:
             # In file order every part ends with the same records: those dropped are never read.
             logger.warning("last_batch=drop without shuffling: the records dropped are the same every epoch")
+        if self.last_batch == "pad":
+            warn_pad_once()
         return self.last_batch
 
     @property
@@ -166,6 +182,21 @@ class LoaderConfig:
     @property
     def std_255(self) -> list[float]:
         return [255.0 * s for s in self.std]
+
+
+_pad_warned = False
+
+
+def warn_pad_once() -> None:
+    """Say once per process that last_batch=pad repeats samples within a batch."""
+    global _pad_warned
+    if not _pad_warned:
+        _pad_warned = True
+        logger.warning(
+            "data.last_batch=pad repeats samples within a batch: each rank's last batch of an epoch is filled "
+            "with copies of its last sample (negatives of each other in the loss); data.last_batch=fill fills "
+            "it with other real records instead"
+        )
 
 
 def _pair(name: str, value: object) -> tuple[float, float]:
@@ -268,8 +299,9 @@ def steps_per_epoch(num_records: int, batch_size: int, world_size: int, mode: st
     """Steps every rank takes per epoch, the same on every rank (else DDP waits forever).
 
     "drop": full batches only, N // (W * B), which is also floor(floor(N / W) / B): the smallest
-    part decides. "pad" and "trim": ceil(ceil(N / W) / B), the largest part decides (what DALI's
-    reader does with `pad_last_batch=True`). Raises ValueError when "drop" leaves no step at all.
+    part decides. "fill", "pad" and "trim": ceil(ceil(N / W) / B), the largest part decides (what
+    DALI's reader does with `pad_last_batch=True`). Raises ValueError when "drop" leaves no step at
+    all, and when "fill" finds a part smaller than one batch (`fill_rows`).
     """
     if num_records < 1 or batch_size < 1 or world_size < 1:
         raise ValueError(f"need positive sizes, got {num_records=}, {batch_size=}, {world_size=}")
@@ -281,7 +313,23 @@ def steps_per_epoch(num_records: int, batch_size: int, world_size: int, mode: st
                 "use a smaller batch, or last_batch=pad to repeat records"
             )
         return steps
+    if mode == "fill" and num_records // world_size < batch_size:
+        raise ValueError(
+            f"data.last_batch=fill needs every rank's part of the {num_records} records to hold a whole batch, "
+            f"but {world_size} rank(s) get parts of {num_records // world_size} and batch_size is {batch_size}: "
+            "the fill rows would repeat records of the same batch; use a smaller batch, or data.last_batch=pad"
+        )
     return math.ceil(math.ceil(num_records / world_size) / batch_size)
+
+
+def fill_rows(num_records: int, batch_size: int, world_size: int, part: int) -> int:
+    """Rows of the last batch of a rank reading `part` that are not its part's own tail: "pad" repeats
+    the part's last sample in them, "fill" puts the part's first records there (0 to B).
+
+    With every part at least one batch long (what `steps_per_epoch` asks of "fill"), these first
+    records sit in an earlier batch than the last one, so the last batch holds no record twice."""
+    begin, end = rank_part(num_records, world_size, part)
+    return steps_per_epoch(num_records, batch_size, world_size, "pad") * batch_size - (end - begin)
 
 
 def dropped_per_epoch(num_records: int, batch_size: int, world_size: int, mode: str) -> int:

@@ -219,12 +219,15 @@ class EpochSampler(Sampler):
     Every rank computes the same epoch order (a seeded permutation, or file order) and reads part
     (rank + epoch) % W of it, as DALI's reader splits and rotates its parts. `mode` (see
     LoaderConfig.epoch_mode) then makes `steps` batches of the part: "pad" repeats the part's last
-    item up to `steps` full batches, "drop" keeps the first `steps` full batches, "trim" keeps the
-    part as it is (TorchLoader ends the epoch with short or empty batches).
+    item up to `steps` full batches, "fill" appends the part's first items instead (other records,
+    read again by index, with augmentation seeds of their own), "drop" keeps the first `steps` full
+    batches, "trim" keeps the part as it is (TorchLoader ends the epoch with short or empty batches).
 
     `excluded` (intervals of positions in the epoch order, see alip.data.position): positions read
     before this partition began, by a run on another number of ranks. The epoch then continues over
-    the other positions only, cut into parts and batches as above (a shorter epoch).
+    the other positions only, cut into parts and batches as above (a shorter epoch); with "fill",
+    where the positions left do not give every rank a whole batch, that epoch has no step left (the
+    fill rows would repeat records of the same batch): the fewer than W * B records left are not read.
     """
 
     def __init__(
@@ -265,8 +268,9 @@ class EpochSampler(Sampler):
         if not self.excluded:
             return self.steps
         count = len(self.positions())
-        # "drop": no full global batch left; "pad": a rank would have nothing to repeat (its part empty)
-        if count < (self.world_size * self.batch_size if self.mode == "drop" else self.world_size):
+        # "drop": no full global batch left; "fill": a part shorter than a batch (its fill rows would be
+        # copies); "pad": a rank would have nothing to repeat (its part empty)
+        if count < (self.world_size * self.batch_size if self.mode in ("drop", "fill") else self.world_size):
             return 0
         return steps_per_epoch(count, self.batch_size, self.world_size, self.mode)
 
@@ -289,6 +293,10 @@ class EpochSampler(Sampler):
         per_rank = self.epoch_steps() * self.batch_size
         if self.mode == "pad" and len(mine):
             mine = np.concatenate([mine, np.full(per_rank - len(mine), mine[-1])])
+        elif self.mode == "fill":
+            # The part's first records, in this epoch's order: at least one batch before the last
+            # (every part holds a whole batch), so no batch holds one twice; parts are disjoint.
+            mine = np.concatenate([mine, mine[: per_rank - len(mine)]])
         elif self.mode == "drop":
             mine = mine[:per_rank]
         if self.augment:
@@ -303,7 +311,8 @@ class EpochSampler(Sampler):
 
     def seen(self, step: int) -> position.Intervals:
         """Positions of the epoch order this rank has read after `step` batches of the current partition
-        (a part's padding repeats a record already counted; "drop" leaves the part's tail unread)."""
+        (a part's padding or fill rows repeat records already counted; "drop" leaves the part's tail
+        unread)."""
         part = self._part()  # sorted positions
         return position.to_intervals(part[: min(step * self.batch_size, len(part))])
 
