@@ -173,6 +173,25 @@ def test_state_from_another_rank_is_refused(shards):
         DaliLoader(shards.meta, cfg, rank=1, world_size=2).load_state_dict(state)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_shuffle_buffer_reaches_the_reader(shards, monkeypatch, train):
+    """data.shuffle_buffer is DALI's initial_fill (the release: 16384). The torch loader has no buffer:
+    it draws a full permutation per epoch (alip.data.torch_loader)."""
+    from nvidia.dali import fn
+
+    calls = []
+    reader = fn.readers.mxnet
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return reader(*args, **kwargs)
+
+    monkeypatch.setattr(fn.readers, "mxnet", recording)
+    loader = DaliLoader(shards.meta, config(shuffle_buffer=123), train=train, device="cpu")
+    assert [(c["initial_fill"], c["random_shuffle"], c["pad_last_batch"]) for c in calls] == [(123, train, True)]
+    assert len(next(iter(loader))["text"]) == 4
+
+
 def copy_shards(shards, dest: Path) -> Path:
     shutil.copytree(shards.meta.parent, dest)
     return dest / shards.meta.name

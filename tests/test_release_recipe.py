@@ -353,7 +353,7 @@ def test_the_release_config_names_every_release_value():
     assert (cfg.loss.local_loss, cfg.loss.gather_with_grad) == (False, False)
     assert (cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.step_on_skip) == ("onecycle", 0.1, True)
     assert (cfg.train.precision, cfg.train.scaler_growth_interval, cfg.train.batch_size) == ("fp16", 200, 4096)
-    assert (cfg.data.crop_attempts, cfg.data.shuffle_buffer, cfg.data.last_batch) == (100, 16384, "pad")
+    assert (cfg.data.crop_attempts, cfg.data.shuffle_buffer, cfg.data.last_batch) == (100, 16384, "fill")
     ours = load_config(ROOT / "configs" / "yfcc15m_vitb32_alip.yaml", ["data.train=x"])
     assert (ours.optim.decay_params, ours.optim.eps, ours.schedule.step_on_skip) == ("no_embeddings", 1e-6, False)
     assert (ours.loss.local_loss, ours.loss.gather_with_grad, ours.train.scaler_growth_interval) == (True, True, 2000)

@@ -141,7 +141,7 @@ def test_bad_shards_and_inputs_give_clear_errors(shards, tmp_path):
         ({"num_workers": -1}, "num_workers"),
         ({"shuffle_buffer": 0}, "shuffle_buffer"),
         ({"crop_attempts": 0}, "crop_attempts"),
-        ({"last_batch": "fill"}, "last_batch"),
+        ({"last_batch": "repeat"}, "last_batch"),
     ],
 )
 def test_loader_config_rejects_bad_values(kw, match):
