@@ -10,6 +10,12 @@ imports). The time is extrapolated along the log-log slope between the two large
   - join:    index_inputs with the captions from a JSONL caption sidecar joined by key;
   - plan:    index, then stat every image, shuffle and cut into shards, the plan fingerprint and
              the per-shard stamps a rerun compares (alip.data.convert: everything before writing);
+  - index_parquet, plan_parquet: the same two on the hub's parquet form, as the published YFCC15M
+             release holds it: the images embedded in a `datasets` Image column (struct<bytes, path>),
+             the raw text and caption as CLIP token ids (list<int32>), files of 10k rows in row
+             groups of 100 (what `datasets` writes for image data); no key column (keys are row
+             numbers). Only the footers are read: the images and ids stay in the files until a
+             worker writes their shard;
   - start:   the loaders' default start-up check (alip.data.loader_config.prepare_shards) on
              shards of tiny records, page cache warm ("nothing changed");
   - start_cold: the same after evicting the shards from the page cache (posix_fadvise DONTNEED);
@@ -26,7 +32,8 @@ imports). The time is extrapolated along the log-log slope between the two large
              The records are tiny, so the copy here is cheap: on real data it moves the kept bytes.
 
 Inputs are synthetic: one tiny JPEG reused for every record, texts of YFCC-like length, image paths
-that do not exist (stat fails fast, as it would not on a real filesystem).
+that do not exist (stat fails fast, as it would not on a real filesystem). The parquet stages' files
+are made only when one of them runs (in SIZE/parquet/), the others' inputs only when one of those does.
 
     .venv/bin/python benchmarks/scale.py                       # 10k, 100k, 1M; table on stdout
     .venv/bin/python benchmarks/scale.py --sizes 10000 100000 --stages start score --json out.json
@@ -53,6 +60,8 @@ STAGES = (
     "index",
     "join",
     "plan",
+    "index_parquet",
+    "plan_parquet",
     "start",
     "start_cold",
     "full_check",
@@ -64,6 +73,9 @@ STAGES = (
     "filter",
 )
 SHARDS = 100  # shards per dataset, whatever its size (YFCC15M at 10k records per shard has 1500)
+PARQUET_STAGES = ("index_parquet", "plan_parquet")
+PARQUET_ROWS = 10_000  # rows per parquet file: the published YFCC15M has 1,507 files of about 10k rows
+ROW_GROUP = 100  # rows per row group: what `datasets` writes for image data
 TARGETS = (15_000_000, 100_000_000)
 
 
@@ -74,13 +86,46 @@ def _text(i: int, words: int) -> str:
 # ---------------------------------------------------------------- inputs (made once per size)
 
 
+def _tiny_jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 80, 40)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_parquet_inputs(n: int, folder: Path) -> None:
+    """Parquet files in the hub's form: {bytes, path} image structs and list<int32> token-id texts."""
+    if (folder / "ready").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def ids(i: int, words: int) -> list[int]:  # start, YFCC-like length of valid ids, end; unpadded as stored
+        return [49406, *((i * 7 + j * 13) % 49000 + 256 for j in range(words)), 49407]
+
+    raws, caps = [ids(i, 16) for i in range(97)], [ids(i + 1, 12) for i in range(97)]  # 97 distinct rows, cycled
+    jpeg = _tiny_jpeg()
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for k, first in enumerate(range(0, n, PARQUET_ROWS)):
+        rows = range(first, min(first + PARQUET_ROWS, n))
+        images = pa.StructArray.from_arrays(
+            [pa.array([jpeg] * len(rows), pa.binary()), pa.array([f"{i:09d}.jpg" for i in rows])],
+            fields=list(image_type),
+        )
+        raw = pa.array([raws[i % 97] for i in rows], pa.list_(pa.int32()))
+        cap = pa.array([caps[i % 97] for i in rows], pa.list_(pa.int32()))
+        table = pa.table({"image": images, "raw": raw, "caption": cap})
+        pq.write_table(table, folder / f"train-{k:05d}.parquet", row_group_size=ROW_GROUP, use_dictionary=False)
+    (folder / "ready").write_text("ok")
+
+
 def make_inputs(n: int, folder: Path) -> None:
     """Manifest + caption sidecar + shards (with texts sidecars and meta JSON) + caption parts."""
     if (folder / "ready").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
     from alip.data import schema
     from alip.data.recordio import RecordIOWriter
 
@@ -104,9 +149,7 @@ def make_inputs(n: int, folder: Path) -> None:
     for h in handles:
         h.close()
 
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (120, 80, 40)).save(buf, format="JPEG", quality=90)
-    jpeg = buf.getvalue()
+    jpeg = _tiny_jpeg()
     raw = np.zeros(77, np.int64)
     raw[:4] = [49406, 320, 1125, 49407]
     shards = []
@@ -155,13 +198,18 @@ def _data2rec_stage(name: str, n: int, folder: Path, mark: dict) -> None:
     if name == "join":
         opts = _opts(folder, columns=Columns(key="key"), captions=folder / "captions.jsonl")
         inputs = [folder / "nocap.tsv"]
+    elif name in PARQUET_STAGES:
+        import pyarrow.parquet  # noqa: F401  imported before the clock starts: the import is not the index's cost
+
+        opts = _opts(folder, columns=Columns(image="image", text="raw", caption="caption"))
+        inputs = sorted((folder / "parquet").glob("train-*.parquet"))
     else:
         opts = _opts(folder, columns=Columns(key="key", caption="caption"))
         inputs = [folder / "manifest.tsv"]
     mark["base"] = _rss()
     t0 = time.perf_counter()
     samples, skips = convert.index_inputs(inputs, opts)
-    if name == "plan":
+    if name in ("plan", "plan_parquet"):
         mark["index_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         convert.stat_images(samples)
@@ -321,7 +369,7 @@ def _filter_stage(name: str, n: int, folder: Path, mark: dict) -> None:
 
 # Each stage's names and the function that runs it (in a child process, see `stage`).
 RUNNERS = (
-    (("index", "join", "plan"), _data2rec_stage),
+    (("index", "join", "plan", *PARQUET_STAGES), _data2rec_stage),
     (("start", "start_cold", "full_check"), _start_stage),
     (("dali_index", "torch_index"), _index_stage),
     (("dali_start",), _dali_start_stage),
@@ -466,7 +514,10 @@ def main() -> None:
     for n in args.sizes:
         folder = args.work / str(n)
         t0 = time.perf_counter()
-        make_inputs(n, folder)
+        if set(args.stages) - set(PARQUET_STAGES):
+            make_inputs(n, folder)
+        if set(args.stages) & set(PARQUET_STAGES):
+            make_parquet_inputs(n, folder / "parquet")
         print(f"inputs for {n:,} records: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         for name in args.stages:
             runs = [run_child(name, n, folder, args.timeout) for _ in range(args.repeat)]
@@ -475,14 +526,15 @@ def main() -> None:
             good = [r for r in runs if "error" not in r]
             results.append(min(good, key=lambda r: r["seconds"]) if good else runs[0])
     rows = summarise(results)
-    import torch
+    from importlib.metadata import version
 
     info = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "torch": torch.__version__,
+        "torch": version("torch"),
+        "pyarrow": version("pyarrow"),
         "shards": SHARDS,
         "command": " ".join([".venv/bin/python", "benchmarks/scale.py", *sys.argv[1:]]),
     }

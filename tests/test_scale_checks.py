@@ -1,9 +1,15 @@
 """Loader start-up checks at scale (issue 12, item 4): the default quick check (sizes and counts
 against the meta JSON, the .idx, three records per shard) still catches a truncated shard, a
 mismatched .idx and a wrong record count; the opt-in full check walks every record and catches a
-record split inside its IRHeader that the quick check does not sample."""
+record split inside its IRHeader that the quick check does not sample. And benchmarks/scale.py runs
+end to end at tiny sizes."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +172,33 @@ def test_merge_counts_what_landed_without_reading_it_back(tmp_path):
     for name in ("s.jsonl", "s.parquet"):
         write_sidecar(tmp_path / name, {"captioner": {}}, entries)
         assert count_entries(tmp_path / name) == 7
+
+
+def test_scale_benchmark_runs_at_tiny_sizes(tmp_path):
+    """benchmarks/scale.py end to end at 300 and 600 records: inputs, one child per stage and size,
+    the fit, the table on stdout and the JSON (about 6 s)."""
+    root = Path(__file__).resolve().parents[1]
+    stages = ["index", "plan", "plan_parquet", "merge"]
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, "benchmarks/scale.py", "--work", str(tmp_path / "work"), "--sizes", "300", "600"]
+    cmd += ["--stages", *stages, "--repeat", "1", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    got = {(r["stage"], r["n"]): r for r in data["results"]}
+    assert sorted(got) == sorted((s, n) for s in stages for n in (300, 600))
+    for r in got.values():
+        assert "error" not in r, r
+        assert 0 < r["seconds"] < 30 and 0 < r["base"] <= r["peak_rss"] < 2**31, r
+    assert got["plan", 600]["index_s"] > 0 and got["plan_parquet", 600]["index_s"] > 0
+    assert len(list((tmp_path / "work" / "600" / "parquet").glob("train-*.parquet"))) == 1
+    rows = {row["stage"]: row for row in data["rows"]}
+    assert list(rows) == stages
+    for row in rows.values():
+        assert row["time_slope"] is not None and row["peak_rss_15000000"] >= row["by_size"]["600"]["base"]
+        assert row["seconds_100000000"] >= row["seconds_15000000"] > 0
+    table = done.stdout.splitlines()
+    assert table[-len(stages) - 2].startswith("| stage | 300: time / peak RSS | 600: time / peak RSS | slope")
+    assert [line.split(" | ")[0] for line in table[-len(stages) :]] == [f"| {s}" for s in stages]
+    assert data["info"]["pyarrow"] and data["info"]["command"].startswith(".venv/bin/python benchmarks/scale.py")
