@@ -6,6 +6,7 @@ direct computations written here from the release's semantics.
 import json
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -469,6 +470,39 @@ def test_results_json_records_the_protocol(tmp_path, checkpoint):
         ]
     )
     assert (override["settings"]["logits"], override["settings"]["ties"]) == ("float", "pessimistic")
+
+
+def test_release_imagenet_through_the_cli(tmp_path, checkpoint, monkeypatch):
+    """`zeroshot --dataset imagenet1k --protocol release`: the loader gets the release's transform (resize
+    to 256/224 of the crop, centre crop) and evaluate_zeroshot counts the padded rows of an 8 x 128 run."""
+    import alip.eval.__main__ as eval_main
+    import alip.eval.protocol as protocol
+
+    toy = write_imagefolder(tmp_path / "toy", CIFAR10_CLASSES[:3], per_class=[2, 1, 2])
+    real_load, real_evaluate = protocol.load_classification, eval_main.evaluate_zeroshot
+    loaded, evaluated = [], []
+
+    def load_classification(name, root, split, transform, *args):
+        loaded.append((name, transform))
+        return replace(real_load("toy", toy, split, transform), name=name)  # a toy ImageNet
+
+    def recording_evaluate(model, tokenizer, data, **kwargs):
+        evaluated.append((data, kwargs))
+        return real_evaluate(model, tokenizer, data, **kwargs)
+
+    monkeypatch.setattr(protocol, "load_classification", load_classification)
+    monkeypatch.setattr(eval_main, "evaluate_zeroshot", recording_evaluate)
+    common = ["--model", "ALIP-Tiny", "--checkpoint", checkpoint, "--workers", "0", "--data", str(tmp_path)]
+    output = ["--output", str(tmp_path / "z.json")]
+    record = main(["zeroshot", *common, "--dataset", "imagenet1k", "--protocol", "release", *output])
+    ((name, transform),) = loaded
+    ((data, kwargs),) = evaluated
+    crop = transform.transforms[1].size[0]  # the model's eval crop
+    assert name == "imagenet1k" and isinstance(transform.transforms[0], Resize)
+    assert transform.transforms[0].size == int(256 / 224 * crop) and isinstance(transform.transforms[1], CenterCrop)
+    assert data.name == "imagenet1k" and data.source["transform"].startswith("release: resize 256")
+    assert kwargs["padded_rows"] == imagenet_padded_rows(5, 8, 128) > 0
+    assert record["datasets"][0]["metrics"]["padded_rows"] == kwargs["padded_rows"]
 
 
 @pytest.mark.parametrize(
