@@ -309,11 +309,43 @@ def test_a_continued_padded_epoch_repeats_only_its_padding(shards27, done):
     assert len(read) == 30 and sorted(set(read)) == list(range(27))
 
 
+@pytest.mark.parametrize("done", [1, 4])
+def test_a_continued_filled_epoch_holds_no_copies_in_any_global_batch(shards27, done):
+    """last_batch=fill: 5 steps at global batch 6 as "pad", the 3 fill rows other records of the rank's
+    part. Continued on 3 ranks x 2 after `done` steps on 2 x 3: done=1 leaves 21 records, parts of 7,
+    4 more steps with one fill row each; done=4 leaves 3, parts of 1, no whole batch: the fill rows
+    would be copies, so that epoch ends there (3 records unread) and the next one starts."""
+
+    def filled(rank, world, batch):
+        cfg = LoaderConfig(batch_size=batch, image_size=32, num_workers=0, last_batch="fill")
+        return TorchLoader(shards27, cfg, train=True, rank=rank, world_size=world)
+
+    old = [filled(r, 2, 3) for r in range(2)]
+    steps = [[] for _ in range(done)]
+    for loader in old:
+        it = iter(loader)
+        for step in steps:
+            step += keys(next(it))
+    states = [loader.state_dict() for loader in old]
+    new = [filled(r, 3, 2) for r in range(3)]
+    said = [loader.continue_epoch(states) for loader in new]
+    rest = [list(loader) for loader in new]  # the rest of the epoch (done=1), the next one (done=4)
+    steps += [[k for r in rest for k in keys(r[i])] for i in range(len(rest[0]))]
+    assert all(len(set(step)) == len(step) == 6 for step in steps)  # no copies in a global batch
+    read = {k for step in steps for k in step}
+    if done == 1:
+        assert len(steps) == 5 and read == set(range(27))
+    else:
+        assert "fill no step: next epoch" in said[0] and all(loader.epoch == 2 for loader in new)
+        assert len(steps) == 4 + 5 and len(read) == 27
+
+
 def test_steps_per_epoch_depend_on_the_global_batch_only():
-    """Why a resharded run keeps its total steps: N // G ("drop") and ceil(ceil(N / W) / B) = ceil(N / G) ("pad")."""
+    """Why a resharded run keeps its total steps: N // G ("drop") and ceil(ceil(N / W) / B) = ceil(N / G)
+    ("pad", "fill")."""
     for n in range(12, 80):
         for w, b in [(1, 12), (2, 6), (3, 4), (4, 3), (6, 2), (12, 1)]:
-            for mode in ("drop", "pad"):
+            for mode in ("drop", "fill", "pad"):
                 assert steps_per_epoch(n, b, w, mode) == steps_per_epoch(n, 12, 1, mode), (n, w, mode)
 
 
