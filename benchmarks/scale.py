@@ -31,6 +31,9 @@ imports). The time is extrapolated along the log-log slope between the two large
              their texts sidecars' sample keys), copy the kept records, write the dropped report and meta.
              The records are tiny, so the copy here is cheap: on real data it moves the kept bytes.
 
+The data2rec and loader-index stages also record their own CPU time (`cpu_seconds`; `index_cpu_s`
+for plan's index): on a shared machine the wall time includes waiting for a core.
+
 Inputs are synthetic: one tiny JPEG reused for every record, texts of YFCC-like length, image paths
 that do not exist (stat fails fast, as it would not on a real filesystem). The parquet stages' files
 are made only when one of them runs (in SIZE/parquet/), the others' inputs only when one of those does.
@@ -207,17 +210,18 @@ def _data2rec_stage(name: str, n: int, folder: Path, mark: dict) -> None:
         opts = _opts(folder, columns=Columns(key="key", caption="caption"))
         inputs = [folder / "manifest.tsv"]
     mark["base"] = _rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     samples, skips = convert.index_inputs(inputs, opts)
     if name in ("plan", "plan_parquet"):
-        mark["index_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        mark["index_s"], mark["index_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         convert.stat_images(samples)
         tasks = convert.plan_shards(samples, opts)
         convert.plan_fingerprint(tasks, opts)
         for task in tasks:
             convert.shard_stamp(task)
     mark["seconds"] = time.perf_counter() - t0
+    mark["cpu_seconds"] = time.process_time() - c0  # its own CPU time: on a shared machine the wall time waits
     assert len(samples) == n, (len(samples), len(skips))
 
 
@@ -245,14 +249,14 @@ def _index_stage(name: str, n: int, folder: Path, mark: dict) -> None:
         from alip.data.torch_loader import RecordDataset
     checks = prepare_shards(folder / "train.meta.json")
     mark["base"] = _rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if name == "dali_index":
         with tempfile.TemporaryDirectory() as tmp:
             combined_index(checks, Path(tmp) / "combined.idx")
-            mark["seconds"] = time.perf_counter() - t0
+            mark["seconds"], mark["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     else:
         assert len(RecordDataset(checks, None, train=False)) == n
-        mark["seconds"] = time.perf_counter() - t0
+        mark["seconds"], mark["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
 
 
 def _dali_start_stage(name: str, n: int, folder: Path, mark: dict) -> None:
