@@ -24,12 +24,14 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
@@ -42,13 +44,18 @@ from alip.data import schema
 from alip.data.images import BadImage, prepare_image
 from alip.data.recordio import RecordIOWriter
 from alip.data.sources import (
+    CHUNK,
     CaptionSource,
+    CaptionTable,
     Columns,
+    IndexBuilder,
     InputError,
+    SampleIndex,
     Skip,
     SourceSample,
-    manifest_samples,
-    read_caption_sidecar,
+    StringColumn,
+    StringColumnBuilder,
+    iter_manifest,
     read_image_bytes,
     read_sidecar_header,
     tar_samples,
@@ -119,9 +126,30 @@ class ConvertOptions:
 
 @dataclass
 class ShardTask:
+    """One shard of the plan: its samples are the index's rows `rows`, with record keys first_key,
+    first_key + 1, ... Its SourceSamples are built when asked for (`items`), and travel to a worker
+    with the task (pickling sends them, not the index)."""
+
     index: int
     stem: str
-    items: list[tuple[int, SourceSample]]  # (record key, sample)
+    first_key: int
+    rows: np.ndarray  # the samples' stored rows in `source` (SampleIndex.physical), in record order
+    source: SampleIndex | None = field(default=None, repr=False)
+    built: list[tuple[int, SourceSample]] | None = field(default=None, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.rows)
+
+    @property
+    def items(self) -> list[tuple[int, SourceSample]]:
+        """(record key, sample) of each sample, in order."""
+        if self.built is not None:
+            return self.built
+        return list(enumerate(self.source.samples(self.rows), self.first_key))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "source": None, "built": self.items}
 
 
 @dataclass
@@ -176,31 +204,39 @@ def _without_cyclic_gc(fn):
 
 
 @_without_cyclic_gc
-def index_inputs(inputs: list[Path], opts: ConvertOptions) -> tuple[list[SourceSample], list[Skip]]:
-    """All samples of all inputs, captions joined; plus the rows that cannot be samples."""
+def index_inputs(inputs: list[Path], opts: ConvertOptions) -> tuple[SampleIndex, list[Skip]]:
+    """All samples of all inputs, captions joined; plus the rows that cannot be samples.
+
+    The samples come as a columnar SampleIndex (a sequence of SourceSamples built on demand)."""
     if not inputs:
         raise InputError("no inputs given")
-    samples: list[SourceSample] = []
+    builder = IndexBuilder(len(opts.columns.more_captions))
     skips: list[Skip] = []
     for path in inputs:
         if not path.exists():
             raise InputError(f"input not found: {path}")
         if path.suffix == ".tar":
             got, bad = tar_samples(path, caption_field=opts.columns.caption, more_fields=opts.columns.more_captions)
+            for sample in got:
+                builder.add(sample)
+            skips += bad
         else:
-            got, bad = manifest_samples(path, opts.image_root, opts.columns, first_row=len(samples) + len(skips))
-        samples += got
-        skips += bad
+            for item in iter_manifest(path, opts.image_root, opts.columns, first_row=builder.n + len(skips)):
+                if isinstance(item, Skip):
+                    skips.append(item)
+                else:
+                    builder.add(item)
+    samples = builder.finish()
     if opts.tokens_npy is not None:
         _check_tokens_npy(inputs, opts, num_rows=len(samples) + len(skips), samples=samples)
-    dupes = duplicate_keys([s.key for s in samples])
+    dupes = duplicate_keys(samples.strings["key"])
     if dupes:
         raise InputError(f"{len(dupes)} sample keys occur more than once, e.g. {dupes[:5]}; keys must be unique")
-    samples, caption_skips = _join_captions(samples, opts)
+    caption_skips = _join_captions(samples, opts)
     return samples, skips + caption_skips
 
 
-def _check_tokens_npy(inputs: list[Path], opts: ConvertOptions, num_rows: int, samples: list[SourceSample]) -> None:
+def _check_tokens_npy(inputs: list[Path], opts: ConvertOptions, num_rows: int, samples: SampleIndex) -> None:
     """The .npy must have one row per input row; with caption ids ([N, 154]) every sample has a caption."""
     if any(p.suffix == ".tar" for p in inputs):
         raise InputError("--tokens-npy joins by manifest row order; it cannot be used with .tar inputs")
@@ -211,11 +247,10 @@ def _check_tokens_npy(inputs: list[Path], opts: ConvertOptions, num_rows: int, s
             "row i of the .npy must hold the token ids of input row i"
         )
     if len(opts.columns.slots(tokens.shape[1])) > 1:
-        for s in samples:
-            s.caption = ""  # read from the .npy when the shard is written
+        samples.strings["caption"] = StringColumn.full("", samples.num_rows)  # read when the shard is written
 
 
-def duplicate_keys(keys: list[str]) -> list[str]:
+def duplicate_keys(keys: Sequence[str]) -> list[str]:
     """The keys that occur more than once. Sorts 64-bit hashes in NumPy (8 bytes a key) and compares
     only the keys whose hashes collide: a Counter of 15M keys would hold about 1 GB at the index's peak."""
     hashes = np.fromiter((hash(k) for k in keys), dtype=np.int64, count=len(keys))
@@ -226,64 +261,88 @@ def duplicate_keys(keys: list[str]) -> list[str]:
     return [k for k, n in counts.items() if n > 1]
 
 
-def stat_images(samples: list[SourceSample]) -> None:
+def stat_images(samples: SampleIndex) -> None:
     """Fill in the size and mtime of every image file (tar members and embedded images already have theirs)."""
-    for s in samples:
-        if s.tar_offset >= 0 or s.embedded:
-            continue
-        try:
-            st = os.stat(s.image)
-        except OSError:
-            continue  # a missing file becomes a skip when its shard is written; its stamp stays -1
-        s.size, s.mtime_ns = st.st_size, st.st_mtime_ns
+    sizes, mtimes = samples.writable_ints("size"), samples.writable_ints("mtime_ns")
+    rows = samples.all_rows()
+    for first in range(0, len(rows), CHUNK):
+        chunk = rows[first : first + CHUNK]
+        images = samples.strings["image"].take(chunk)
+        in_tar = (samples.int_values("tar_offset", chunk) >= 0).tolist()
+        for row, image, tar, parquet in zip(chunk.tolist(), images, in_tar, samples.parquet_values(chunk), strict=True):
+            if tar or image == parquet:  # a tar member, an image embedded in a parquet manifest
+                continue
+            try:
+                st = os.stat(image)
+            except OSError:
+                continue  # a missing file becomes a skip when its shard is written; its stamp stays -1
+            sizes[row], mtimes[row] = st.st_size, st.st_mtime_ns
 
 
-def _join_captions(samples: list[SourceSample], opts: ConvertOptions) -> tuple[list[SourceSample], list[Skip]]:
+def _join_captions(samples: SampleIndex, opts: ConvertOptions) -> list[Skip]:
+    """Join the caption sidecars, then drop (and return as skips) the samples left without a caption."""
     if opts.captions is not None:
-        by_key, by_path = read_caption_sidecar(opts.captions)
-        for s in samples:
-            caption = by_key.get(s.key) or (by_path.get(s.path) if s.path else None)
-            if caption is not None:
-                s.caption = caption
+        samples.strings["caption"] = _joined(samples, CaptionTable(opts.captions), samples.strings["caption"])
     elif opts.columns.caption is None and opts.require_caption and not _tokens_have_captions(opts):
         raise InputError(
             "no caption source: pass a caption column, a caption sidecar (--captions), "
             "or allow empty captions (--no-caption) for CLIP-only data"
         )
     _join_more_captions(samples, opts)
-    kept, skips = [], []
-    for s in samples:
-        missing = _missing_caption(s, opts) if opts.require_caption else None
-        if missing is not None:
-            skips.append(Skip(s.source, missing))
-        else:
-            kept.append(s)
-    return kept, skips
+    missing = _missing_captions(samples, opts) if opts.require_caption else None
+    if missing is None:
+        return []
+    names, reason_of = missing
+    skips = []
+    dropped = np.flatnonzero(reason_of >= 0)
+    for first in range(0, len(dropped), CHUNK):
+        rows = dropped[first : first + CHUNK]
+        for s, reason in zip(samples.samples(rows), reason_of[rows].tolist(), strict=True):
+            skips.append(Skip(s.source, names[reason]))
+    samples.rows = np.flatnonzero(reason_of < 0)
+    return skips
 
 
-def _join_more_captions(samples: list[SourceSample], opts: ConvertOptions) -> None:
+def _joined(samples: SampleIndex, table: CaptionTable, old: StringColumn | None) -> StringColumn:
+    """A caption column joined from a sidecar, by key or path: a sample's caption from the sidecar, else
+    `old`'s (None: else None)."""
+    out = StringColumnBuilder()
+    for first in range(0, samples.num_rows, CHUNK):
+        rows = np.arange(first, min(first + CHUNK, samples.num_rows))
+        found = table.captions(samples.strings["key"].take(rows), samples.strings["path"].take(rows))
+        if old is not None:
+            found = [o if f is None else f for f, o in zip(found, old.take(rows), strict=True)]
+        out.pending = found
+        out.flush()
+    return out.finish()
+
+
+def _join_more_captions(samples: SampleIndex, opts: ConvertOptions) -> None:
     """Caption slots 2..K that come from sidecars, joined by key or path as the first slot's (and those
     read from token ids when the shard is written: present for every sample, as the first slot's)."""
     for slot, source in enumerate(opts.more_captions):
         if source.column is None and source.sidecar is None:
-            for s in samples:
-                s.more_captions[slot] = ""
-            continue
-        if source.sidecar is None:
-            continue
-        by_key, by_path = read_caption_sidecar(source.sidecar)
-        for s in samples:
-            s.more_captions[slot] = by_key.get(s.key) or (by_path.get(s.path) if s.path else None)
+            samples.more[slot] = StringColumn.full("", samples.num_rows)
+        elif source.sidecar is not None:
+            samples.more[slot] = _joined(samples, CaptionTable(source.sidecar), None)
 
 
-def _missing_caption(sample: SourceSample, opts: ConvertOptions) -> str | None:
-    """Why a sample cannot be written for want of a caption (naming the slot when there are several)."""
+def _missing_captions(samples: SampleIndex, opts: ConvertOptions) -> tuple[list[str], np.ndarray] | None:
+    """Why samples cannot be written for want of a caption: (reasons, the reason of each stored row: an
+    index into reasons, -1 for none), naming the first missing slot when there are several; None when
+    no sample misses one."""
+    slots = [samples.strings["caption"], *(samples.more or [])]
+    if not any(c.has_none() for c in slots):
+        return None
     if not opts.more_captions:
-        return "no caption for this sample" if sample.caption is None else None
-    captions = [sample.caption, *sample.more_captions]
-    missing = [name for name, caption in zip(opts.texts[1:], captions, strict=True) if caption is None]
-    # one reason per slot: the skip report counts them by slot
-    return f"no {missing[0]} caption for this sample" if missing else None
+        names = ["no caption for this sample"]
+    else:  # one reason per slot: the skip report counts them by slot
+        names = [f"no {name} caption for this sample" for name in opts.texts[1:]]
+    reason_of = np.full(samples.num_rows, -1, np.int32)
+    for slot in reversed(range(len(slots))):  # the first missing slot names the reason
+        if slots[slot].has_none():
+            reason_of[~slots[slot].valid] = slot
+    return names, reason_of
 
 
 def _tokens_have_captions(opts: ConvertOptions) -> bool:
@@ -297,29 +356,28 @@ def _tokens_have_captions(opts: ConvertOptions) -> bool:
 
 
 @_without_cyclic_gc
-def plan_shards(samples: list[SourceSample], opts: ConvertOptions) -> list[ShardTask]:
+def plan_shards(samples: SampleIndex | list[SourceSample], opts: ConvertOptions) -> list[ShardTask]:
     """Shuffle once with the seed, then cut into shards. Record key = position in the shuffled order."""
-    order = _shuffle_order(samples, opts)
-    tasks: list[ShardTask] = []
-    current: list[tuple[int, SourceSample]] = []
-    current_bytes = 0
-    for key, i in enumerate(order.tolist()):
-        sample = samples[i]
-        size = sample.size if sample.size >= 0 else 0
-        full = len(current) >= opts.shard_records or (
-            opts.shard_bytes is not None and current and current_bytes + size > opts.shard_bytes
-        )
-        if full:
-            tasks.append(ShardTask(len(tasks), schema.shard_stem(opts.prefix, len(tasks)), current))
-            current, current_bytes = [], 0
-        current.append((key, sample))
-        current_bytes += size
-    if current:
-        tasks.append(ShardTask(len(tasks), schema.shard_stem(opts.prefix, len(tasks)), current))
-    return tasks
+    if not isinstance(samples, SampleIndex):
+        samples = SampleIndex.from_samples(samples)
+    order = samples.physical(_shuffle_order(samples, opts))
+    n = len(order)
+    if opts.shard_bytes is None:
+        bounds = [*range(0, n, opts.shard_records), n]
+    else:
+        bounds, count, current_bytes = [0], 0, 0
+        for i, size in enumerate(np.maximum(samples.int_values("size", order), 0).tolist()):
+            if count >= opts.shard_records or (count and current_bytes + size > opts.shard_bytes):
+                bounds.append(i)
+                count, current_bytes = 0, 0
+            count += 1
+            current_bytes += size
+        bounds.append(n)
+    spans = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+    return [ShardTask(k, schema.shard_stem(opts.prefix, k), a, order[a:b], samples) for k, (a, b) in enumerate(spans)]
 
 
-def _shuffle_order(samples: list[SourceSample], opts: ConvertOptions) -> np.ndarray:
+def _shuffle_order(samples: SampleIndex, opts: ConvertOptions) -> np.ndarray:
     """One global shuffle; for parquet rows read by row group (embedded images, token ids), a block shuffle.
 
     A row group can only be read whole: with a row-level shuffle every shard would read a row group
@@ -328,14 +386,15 @@ def _shuffle_order(samples: list[SourceSample], opts: ConvertOptions) -> np.ndar
     shard holds whole row groups from all over the dataset, mixed, and each group is read once.
     """
     rng = np.random.default_rng(opts.seed)
-    if not any(s.row_group >= 0 for s in samples):
+    rows = samples.all_rows()
+    groups = samples.int_values("row_group", rows)
+    if not (groups >= 0).any():
         return rng.permutation(len(samples))
-    starts = [0]  # indices where a new block begins: rows of one row group are consecutive
-    for i in range(1, len(samples)):
-        a, b = samples[i - 1], samples[i]
-        if b.row_group < 0 or (a.parquet, a.row_group) != (b.parquet, b.row_group):
-            starts.append(i)
-    bounds = np.append(np.asarray(starts, np.int64), len(samples))
+    files = samples.parquet[rows] if samples.parquet is not None else np.full(len(rows), -1)
+    # a new block begins where the row group changes: rows of one row group are consecutive
+    new = (groups[1:] < 0) | (files[1:] != files[:-1]) | (groups[1:] != groups[:-1])
+    starts = np.concatenate([[0], np.flatnonzero(new) + 1]).astype(np.int64)
+    bounds = np.append(starts, len(samples))
     blocks = rng.permutation(len(starts))
     order = np.concatenate([np.arange(bounds[b], bounds[b + 1]) for b in blocks])
     for first in range(0, len(order), opts.shard_records):
@@ -347,7 +406,7 @@ def plan_fingerprint(tasks: list[ShardTask], opts: ConvertOptions) -> str:
     """Changes whenever a rerun would write different shards."""
     h = hashlib.sha256()
     settings = [opts.prefix, opts.seed, opts.max_side, opts.jpeg_quality, opts.max_pixels, opts.tokenizer]
-    if opts.tokens_npy is not None or any(s.row_group >= 0 for t in tasks for _, s in t.items):
+    if opts.tokens_npy is not None or any((_task_ints(t, "row_group") >= 0).any() for t in tasks):
         # values read when a shard is written are not hashed below: hash where they come from instead
         # (appended only then: older plans keep their fingerprint)
         columns = asdict(opts.columns)
@@ -359,17 +418,49 @@ def plan_fingerprint(tasks: list[ShardTask], opts: ConvertOptions) -> str:
     h.update(json.dumps(settings).encode())
     for task in tasks:
         h.update(f"|{task.stem}".encode())
-        for key, s in task.items:
-            more = "" if s.more_captions is None else "\t" + json.dumps(s.more_captions, ensure_ascii=False)
-            h.update(f"{key}\t{s.key}\t{s.image}\t{s.tar_offset}\t{s.raw_text}\t{s.caption}{more}\n".encode())
+        for first in range(0, task.num_samples, CHUNK):
+            h.update("".join(_fingerprint_lines(task, first, first + CHUNK)).encode())
     return h.hexdigest()
+
+
+def _fingerprint_lines(task: ShardTask, start: int, stop: int) -> list[str]:
+    """The plan fingerprint's line of each sample task.items[start:stop], from the index's columns."""
+    if task.source is None:
+        items = task.items[start:stop]
+        keys = [k for k, _ in items]
+        fields = [[getattr(s, f) for _, s in items] for f in ("key", "image", "tar_offset", "raw_text", "caption")]
+        more = [s.more_captions for _, s in items]
+    else:
+        rows, source = task.rows[start:stop], task.source
+        keys = range(task.first_key + start, task.first_key + start + len(rows))
+        strings = source.strings
+        fields = [
+            strings["key"].take(rows),
+            strings["image"].take(rows),
+            source.int_values("tar_offset", rows).tolist(),
+            strings["raw_text"].take(rows),
+            strings["caption"].take(rows),
+        ]
+        more = source.more_values(rows) or [None] * len(rows)
+    return [
+        f"{key}\t{sample_key}\t{image}\t{tar_offset}\t{raw}\t{caption}"
+        + ("" if slots is None else "\t" + json.dumps(slots, ensure_ascii=False))
+        + "\n"
+        for key, sample_key, image, tar_offset, raw, caption, slots in zip(keys, *fields, more, strict=True)
+    ]
+
+
+def _task_ints(task: ShardTask, name: str) -> np.ndarray:
+    if task.source is None:
+        return np.asarray([getattr(s, name) for _, s in task.items], np.int64)
+    return task.source.int_values(name, task.rows)
 
 
 def shard_stamp(task: ShardTask) -> str:
     """Size and mtime of the files a shard's images come from: changes when one is replaced or appears."""
     h = hashlib.sha256()
-    for _, s in task.items:
-        h.update(f"{s.size}:{s.mtime_ns}\n".encode())
+    sizes, mtimes = _task_ints(task, "size").tolist(), _task_ints(task, "mtime_ns").tolist()
+    h.update("".join(f"{size}:{mtime}\n" for size, mtime in zip(sizes, mtimes, strict=True)).encode())
     return h.hexdigest()
 
 
@@ -548,9 +639,8 @@ def _convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
     done = _completed_shards(out, tasks)
     todo = [t for t in tasks if t.stem not in done]
     write_start = time.perf_counter()
-    for result in _run_workers(
-        todo, opts, total=len(samples), already=sum(len(t.items) for t in tasks) - sum(len(t.items) for t in todo)
-    ):
+    already = sum(t.num_samples for t in tasks) - sum(t.num_samples for t in todo)
+    for result in _run_workers(todo, opts, total=len(samples), already=already):
         done[result.stem] = result
     write_seconds = time.perf_counter() - write_start
     worker_seconds = sum(done[t.stem].seconds for t in todo)
@@ -577,7 +667,7 @@ def _convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
         seconds=time.perf_counter() - start,
         write_seconds=write_seconds,
         worker_seconds=worker_seconds,
-        images_written=sum(len(t.items) for t in todo),
+        images_written=sum(t.num_samples for t in todo),
     )
 
 
@@ -644,12 +734,17 @@ def _run_workers(todo: list[ShardTask], opts: ConvertOptions, total: int, alread
         return
     # ProcessPoolExecutor, not multiprocessing.Pool: when a worker is killed (OOM killer, kill -9),
     # Pool silently replaces it and waits forever for its shard; the executor raises BrokenProcessPool.
-    pool = ProcessPoolExecutor(
-        min(opts.workers, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(opts, counter)
-    )
-    pending = {pool.submit(write_shard, t): t for t in todo}
+    workers = min(opts.workers, len(todo))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(opts, counter))
+    # a few shards queued per worker, not all: a queued task holds its shard's SourceSamples
+    waiting, pending = deque(todo), {}
     try:
-        while pending:
+        while True:
+            while waiting and len(pending) < 2 * workers:
+                pending[pool.submit(write_shard, waiting[0])] = waiting[0]
+                waiting.popleft()
+            if not pending:
+                break
             finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             bar.update(already + counter.value - bar.n)
             for future in finished:
@@ -659,6 +754,7 @@ def _run_workers(todo: list[ShardTask], opts: ConvertOptions, total: int, alread
                 yield result
     except BrokenProcessPool:
         unfinished = [t.stem for f, t in pending.items() if not (f.done() and f.exception() is None)]
+        unfinished += [t.stem for t in waiting]
         raise WorkerLostError(_lost_worker_message(unfinished, len(todo))) from None
     finally:
         # After an error, queued shards are dropped and running ones finish (and are kept). Always wait: with

@@ -11,16 +11,26 @@ start of a text swallows every following row into that text. CSV keeps standard 
 strictly: malformed quoting refuses the file, naming the line.
 
 Parquet manifests, embedded images and token-id columns are read by alip.data.typed_columns.
+
+data2rec holds every sample of a dataset at once (to shuffle it), so its index is columnar
+(`SampleIndex`): the strings of all samples in Arrow's layout (UTF-8 bytes end to end and int64
+offsets, `StringColumn`) and the numbers in NumPy arrays, about 250 bytes a sample instead of the
+680 of one `SourceSample` with its five Python strings. `SourceSample`s are built from it on
+demand, a shard's worth at a time. Caption sidecars are joined the same way (`CaptionTable`).
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import tarfile
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from alip.cli import UserError
 from alip.data.images import BadImage
@@ -213,41 +223,48 @@ def manifest_samples(
     path: Path, image_root: Path | None, columns: Columns, first_row: int = 0
 ) -> tuple[list[SourceSample], list[Skip]]:
     """Samples of one manifest. Image paths are relative to `image_root` (default: the manifest's folder)."""
+    samples, skips = [], []
+    for item in iter_manifest(path, image_root, columns, first_row):
+        (skips if isinstance(item, Skip) else samples).append(item)
+    return samples, skips
+
+
+def iter_manifest(
+    path: Path, image_root: Path | None, columns: Columns, first_row: int = 0
+) -> Iterator[SourceSample | Skip]:
+    """The samples and skips of one manifest, row by row (`manifest_samples` as a stream)."""
     root = image_root if image_root is not None else path.parent
     if path.suffix.lower() == ".parquet":
-        from alip.data.typed_columns import parquet_samples  # pyarrow only for parquet; that module builds on this one
+        from alip.data.typed_columns import parquet_rows  # pyarrow only for parquet; that module builds on this one
 
-        return parquet_samples(path, root, columns, first_row)
-    samples, skips = [], []
+        yield from parquet_rows(path, root, columns, first_row)
+        return
     row_number = first_row - 1
     for row_number, row in enumerate(read_rows(path, columns), first_row):  # noqa: B007
         where = f"{path.name} row {row_number}"
         if isinstance(row, BadRow):
-            skips.append(Skip(where, row.reason))
+            yield Skip(where, row.reason)
             continue
         missing = [c for c in columns.required() if row.get(c) is None]
         if missing:
-            skips.append(Skip(where, f"missing field(s) {missing}"))
+            yield Skip(where, f"missing field(s) {missing}")
             continue
         lists = [c for c in (columns.text, *columns.caption_columns()) if c and isinstance(row[c], list)]
         if lists:
-            skips.append(Skip(where, f"token ids: {lists} hold lists; token ids are read from parquet or --tokens-npy"))
+            yield Skip(where, f"token ids: {lists} hold lists; token ids are read from parquet or --tokens-npy")
             continue
         rel = str(row[columns.image])
-        samples.append(
-            SourceSample(
-                key=str(row[columns.key]) if columns.key else str(row_number),
-                image=str(root / rel),
-                raw_text=str(row[columns.text]) if columns.text else "",
-                caption=str(row[columns.caption]) if columns.caption else None,
-                path=rel,
-                input_row=row_number,
-                more_captions=[str(row[c]) if c else None for c in columns.more_captions] or None,
-            )
+        yield SourceSample(
+            key=str(row[columns.key]) if columns.key else str(row_number),
+            image=str(root / rel),
+            raw_text=str(row[columns.text]) if columns.text else "",
+            caption=str(row[columns.caption]) if columns.caption else None,
+            path=rel,
+            input_row=row_number,
+            more_captions=[str(row[c]) if c else None for c in columns.more_captions] or None,
         )
     if row_number < first_row:
         raise InputError(f"{path}: the manifest has no rows")
-    return samples, skips
 
 
 def tar_samples(
@@ -307,8 +324,21 @@ def read_caption_sidecar(path: Path) -> tuple[dict[str, str], dict[str, str]]:
 
     Each entry has "caption" and "key" and/or "path". Entries whose caption is null (a captioning
     failure) are left out, so those samples count as "no caption". A line with only "meta" is the
-    sidecar's header (captioner settings) and is not an entry.
+    sidecar's header (captioner settings) and is not an entry. (data2rec joins a sidecar with
+    `CaptionTable`, the same entries in columns.)
     """
+    by_key, by_path = {}, {}
+    for key, image_path, caption in sidecar_entries(path):
+        if key is not None:
+            by_key[key] = caption
+        if image_path is not None:
+            by_path[image_path] = caption
+    return by_key, by_path
+
+
+def sidecar_entries(path: Path) -> Iterator[tuple[str | None, str | None, str]]:
+    """(key, image path, caption) of each entry of a caption sidecar with a caption, in file order,
+    read as a stream (a parquet sidecar batch by batch)."""
     if not path.is_file():
         raise InputError(f"caption sidecar not found: {path}")
     if path.suffix == ".parquet":
@@ -316,10 +346,9 @@ def read_caption_sidecar(path: Path) -> tuple[dict[str, str], dict[str, str]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        entries = pq.read_table(path).to_pylist()
+        entries = (entry for batch in pq.ParquetFile(path).iter_batches() for entry in batch.to_pylist())
     else:
-        entries = [entry for _, entry in json_lines(path, InputError)]
-    by_key, by_path = {}, {}
+        entries = (entry for _, entry in json_lines(path, InputError))
     for entry in entries:
         if set(entry) == {"meta"}:
             continue
@@ -327,11 +356,12 @@ def read_caption_sidecar(path: Path) -> tuple[dict[str, str], dict[str, str]]:
             raise InputError(f"{path}: entries need 'caption' and 'key' or 'path', got {sorted(entry)}")
         if entry["caption"] is None:
             continue
-        if entry.get("key") is not None:
-            by_key[str(entry["key"])] = str(entry["caption"])
-        if entry.get("path") is not None:
-            by_path[str(entry["path"])] = str(entry["caption"])
-    return by_key, by_path
+        key, image_path = entry.get("key"), entry.get("path")
+        yield (
+            None if key is None else str(key),
+            None if image_path is None else str(image_path),
+            str(entry["caption"]),
+        )
 
 
 CAPTION_META_KEY = b"alip_caption_meta"  # a parquet sidecar's header, in its schema metadata
@@ -372,3 +402,303 @@ def read_image_bytes(sample: SourceSample) -> bytes:
         raise BadImage("missing file") from None
     except OSError as e:
         raise BadImage(f"unreadable file: {e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------- the columnar index
+
+CHUNK = 65_536  # rows turned into Python objects at a time (building columns, reading them back)
+
+
+class StringColumn:
+    """Strings (or None) in Arrow's layout: their UTF-8 bytes end to end in one buffer, and int64
+    offsets. A string costs its length + 8 bytes; a Python str costs 49 + its length, plus a pointer.
+
+    pyarrow is an optional dependency (parquet), so TSV/CSV/JSONL manifests keep the layout in a
+    bytearray and NumPy. Lone surrogates (JSON allows them) round-trip ("surrogatepass")."""
+
+    __slots__ = ("data", "offsets", "valid")
+
+    def __init__(self, data: bytes | bytearray, offsets: np.ndarray, valid: np.ndarray | None = None) -> None:
+        self.data = data
+        self.offsets = offsets  # [n + 1] int64
+        self.valid = valid  # [n] bool, False where the value is None; None: no value is None
+
+    @classmethod
+    def full(cls, value: str | None, n: int) -> StringColumn:
+        """n times the same value: `value` ("" or None) stored once, whatever n."""
+        data = b"" if value is None else value.encode("utf-8", "surrogatepass")
+        offsets = np.zeros(n + 1, np.int64) if not data else np.arange(n + 1, dtype=np.int64) * len(data)
+        return cls(data * (n if data else 0), offsets, None if value is not None else np.zeros(n, bool))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str | None:
+        return self.take(np.asarray([i], np.int64))[0]
+
+    def __iter__(self) -> Iterator[str | None]:
+        for first in range(0, len(self), CHUNK):
+            yield from self.take(np.arange(first, min(first + CHUNK, len(self))))
+
+    def take(self, rows: np.ndarray) -> list[str | None]:
+        """The values at `rows` (int64 positions) as Python strings."""
+        data = self.data
+        starts, ends = self.offsets[rows].tolist(), self.offsets[rows + 1].tolist()
+        out = [data[a:b].decode("utf-8", "surrogatepass") for a, b in zip(starts, ends, strict=True)]
+        if self.valid is not None:
+            for j in np.flatnonzero(~self.valid[rows]).tolist():
+                out[j] = None
+        return out
+
+    def has_none(self) -> bool:
+        return self.valid is not None and not self.valid.all()
+
+
+class StringColumnBuilder:
+    """Appends strings (or None) to a StringColumn: `pending` collects Python strings, `flush` moves
+    them into the buffer (call it every CHUNK rows or so), `finish` returns the column."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.offsets = array("q", [0])
+        self.nulls: list[tuple[int, np.ndarray]] = []  # (first row of a chunk, which of its values are None)
+        self.pending: list[str | None] = []
+
+    def flush(self) -> None:
+        chunk = self.pending
+        if not chunk:
+            return
+        if None in chunk:
+            self.nulls.append((len(self.offsets) - 1, np.fromiter((s is None for s in chunk), bool, len(chunk))))
+            chunk = ["" if s is None else s for s in chunk]
+        joined = "".join(chunk).encode("utf-8", "surrogatepass")
+        lengths = list(map(len, chunk))  # characters: bytes too when every character is ASCII
+        if len(joined) != sum(lengths):
+            lengths = [len(s.encode("utf-8", "surrogatepass")) for s in chunk]
+        self.offsets.extend(itertools.accumulate(lengths, initial=self.offsets[-1]))
+        self.offsets.pop(len(self.offsets) - len(lengths) - 1)  # the repeated initial offset
+        self.data += joined
+        self.pending = []
+
+    def finish(self) -> StringColumn:
+        self.flush()
+        n = len(self.offsets) - 1
+        valid = None
+        if self.nulls:
+            valid = np.ones(n, bool)
+            for first, nulls in self.nulls:
+                valid[first : first + len(nulls)] = ~nulls
+        return StringColumn(self.data, np.frombuffer(self.offsets, np.int64), valid)
+
+
+STRING_FIELDS = ("key", "image", "raw_text", "caption", "path")
+INT_FIELDS = ("tar_offset", "size", "mtime_ns", "row_group", "row", "input_row")
+
+
+class SampleIndex:
+    """Every sample of data2rec's inputs, in columns: the strings of `SourceSample` as StringColumns,
+    its numbers as int64 arrays (None: -1 for every sample), the parquet file as a number into
+    `parquet_files`, caption slots 2..K as one StringColumn each.
+
+    It reads as a sequence of SourceSamples (len, [i], iteration), each built when asked for;
+    `samples(rows)` builds a shard's worth at once. `rows` selects the samples among the stored
+    rows (None: all): the rows whose caption is missing are dropped without copying the columns.
+    Positions passed to `samples`, `strings`, `ints` are stored rows ("physical"); `physical`
+    maps sample positions to them.
+    """
+
+    def __init__(
+        self,
+        strings: dict[str, StringColumn],
+        ints: dict[str, np.ndarray | None],
+        parquet: np.ndarray | None,
+        parquet_files: list[str],
+        more: list[StringColumn] | None,
+        num_rows: int,
+    ) -> None:
+        self.strings = strings
+        self.ints = ints
+        self.parquet = parquet  # [n] int32 into parquet_files, -1 for no file; None: no sample has one
+        self.parquet_files = parquet_files
+        self.more = more  # caption slots 2..K (None: K = 1, SourceSample.more_captions is None)
+        self.num_rows = num_rows
+        self.rows: np.ndarray | None = None
+
+    @classmethod
+    def from_samples(cls, samples: list[SourceSample]) -> SampleIndex:
+        builder = IndexBuilder(len(samples[0].more_captions or ()) if samples else 0)
+        for s in samples:
+            builder.add(s)
+        return builder.finish()
+
+    def __len__(self) -> int:
+        return self.num_rows if self.rows is None else len(self.rows)
+
+    def physical(self, positions: np.ndarray) -> np.ndarray:
+        """The stored rows of the samples at `positions`."""
+        return positions if self.rows is None else self.rows[positions]
+
+    def all_rows(self) -> np.ndarray:
+        return np.arange(self.num_rows, dtype=np.int64) if self.rows is None else self.rows
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.samples(self.physical(np.arange(len(self))[i]))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} of {n}")
+        return self.samples(self.physical(np.asarray([i % n], np.int64)))[0]
+
+    def __iter__(self) -> Iterator[SourceSample]:
+        rows = self.all_rows()
+        for first in range(0, len(rows), CHUNK):
+            yield from self.samples(rows[first : first + CHUNK])
+
+    def int_values(self, name: str, rows: np.ndarray) -> np.ndarray:
+        column = self.ints[name]
+        return np.full(len(rows), -1, np.int64) if column is None else column[rows]
+
+    def writable_ints(self, name: str) -> np.ndarray:
+        """The int64 column `name`, allocated (-1 everywhere) if it was not stored."""
+        if self.ints[name] is None:
+            self.ints[name] = np.full(self.num_rows, -1, np.int64)
+        return self.ints[name]
+
+    def parquet_values(self, rows: np.ndarray) -> list[str | None]:
+        if self.parquet is None:
+            return [None] * len(rows)
+        files = self.parquet_files
+        return [files[f] if f >= 0 else None for f in self.parquet[rows].tolist()]
+
+    def more_values(self, rows: np.ndarray) -> list[list[str | None]] | None:
+        """Caption slots 2..K of each row (SourceSample.more_captions), None with K = 1."""
+        if self.more is None:
+            return None
+        return [list(slots) for slots in zip(*(m.take(rows) for m in self.more), strict=True)]
+
+    def samples(self, rows: np.ndarray) -> list[SourceSample]:
+        """SourceSamples of the stored rows `rows` (int64 array), in that order."""
+        strings = [self.strings[name].take(rows) for name in STRING_FIELDS]
+        ints = [self.int_values(name, rows).tolist() for name in INT_FIELDS]
+        more = self.more_values(rows) or itertools.repeat(None)
+        return [
+            SourceSample(key, image, raw, cap, path, tar, size, mtime, parquet, group, row, input_row, slots)
+            for key, image, raw, cap, path, tar, size, mtime, group, row, input_row, parquet, slots in zip(
+                *strings,
+                *ints,
+                self.parquet_values(rows),
+                more,
+                strict=False,  # `more` may repeat None
+            )
+        ]
+
+
+class IndexBuilder:
+    """Builds a SampleIndex from SourceSamples added one at a time (none of them kept)."""
+
+    def __init__(self, more: int = 0) -> None:
+        self.strings = {name: StringColumnBuilder() for name in STRING_FIELDS}
+        self.ints = {name: array("q") for name in INT_FIELDS}
+        self.parquet = array("i")
+        self.parquet_ids: dict[str, int] = {}
+        self.more_count = more  # caption slots 2..K per sample (0: K = 1, more_captions is None)
+        self.more = [StringColumnBuilder() for _ in range(more)]
+        self.n = 0
+
+    def add(self, s: SourceSample) -> None:
+        if len(s.more_captions or ()) != self.more_count or (self.more_count and s.more_captions is None):
+            raise ValueError(f"{s.key}: caption slots 2..K {s.more_captions}, expected {self.more_count} of them")
+        strings, ints = self.strings, self.ints
+        strings["key"].pending.append(s.key)
+        strings["image"].pending.append(s.image)
+        strings["raw_text"].pending.append(s.raw_text)
+        strings["caption"].pending.append(s.caption)
+        strings["path"].pending.append(s.path)
+        ints["tar_offset"].append(s.tar_offset)
+        ints["size"].append(s.size)
+        ints["mtime_ns"].append(s.mtime_ns)
+        ints["row_group"].append(s.row_group)
+        ints["row"].append(s.row)
+        ints["input_row"].append(s.input_row)
+        if s.parquet is None:
+            self.parquet.append(-1)
+        else:
+            self.parquet.append(self.parquet_ids.setdefault(s.parquet, len(self.parquet_ids)))
+        if self.more_count:
+            for column, value in zip(self.more, s.more_captions, strict=True):
+                column.pending.append(value)
+        self.n += 1
+        if self.n % CHUNK == 0:
+            for column in (*strings.values(), *self.more):
+                column.flush()
+
+    def finish(self) -> SampleIndex:
+        strings = {name: b.finish() for name, b in self.strings.items()}
+        ints = {}
+        for name, values in self.ints.items():
+            column = np.frombuffer(values, np.int64) if len(values) else np.zeros(0, np.int64)
+            ints[name] = None if (column == -1).all() else column  # -1 everywhere: not stored
+        parquet = np.frombuffer(self.parquet, np.int32) if self.parquet_ids else None
+        more = [b.finish() for b in self.more] if self.more_count else None
+        files = sorted(self.parquet_ids, key=self.parquet_ids.get)
+        return SampleIndex(strings, ints, parquet, files, more, self.n)
+
+
+class _Lookup:
+    """dict.get over a StringColumn of names with their values, by 64-bit hashes sorted in NumPy (16
+    bytes a name): for a name given several times, its last value wins, as in a dict."""
+
+    def __init__(self, names: StringColumn, values: StringColumn) -> None:
+        self.names, self.values = names, values
+        hashes = np.fromiter((hash(k) for k in names), np.int64, count=len(names))
+        self.order = np.argsort(hashes, kind="stable")  # equal hashes keep file order: the last is last
+        self.sorted = hashes[self.order]
+
+    def get(self, queries: list[str | None]) -> list[str | None]:
+        """The value of each query (None: no such name, or the query is None)."""
+        out: list[str | None] = [None] * len(queries)
+        asked = [j for j, q in enumerate(queries) if q is not None]
+        if not asked or not len(self.order):
+            return out
+        wanted = [queries[j] for j in asked]
+        h = np.fromiter((hash(q) for q in wanted), np.int64, count=len(wanted))
+        lo, hi = np.searchsorted(self.sorted, h, "left"), np.searchsorted(self.sorted, h, "right")
+        hit = np.flatnonzero(hi > lo)
+        last = self.order[hi[hit] - 1]
+        for j, pos, name, first, end in zip(
+            hit.tolist(), last.tolist(), self.names.take(last), lo[hit].tolist(), hi[hit].tolist(), strict=True
+        ):
+            q = wanted[j]
+            if name != q:  # a hash collision: look through the other names with this hash
+                same = [int(p) for p in self.order[first : end - 1][::-1]]
+                pos = next((p for p in same if self.names[p] == q), -1)
+            if pos >= 0:
+                out[asked[j]] = self.values[pos]
+        return out
+
+
+class CaptionTable:
+    """A caption sidecar in columns, for a join by key or image path (data2rec's --captions): the
+    semantics of `read_caption_sidecar`'s two dicts without 15M Python strings in each."""
+
+    def __init__(self, path: Path) -> None:
+        keys, key_captions, paths, path_captions = (StringColumnBuilder() for _ in range(4))
+        for n, (key, image_path, caption) in enumerate(sidecar_entries(path), 1):
+            if key is not None:
+                keys.pending.append(key)
+                key_captions.pending.append(caption)
+            if image_path is not None:
+                paths.pending.append(image_path)
+                path_captions.pending.append(caption)
+            if n % CHUNK == 0:
+                for b in (keys, key_captions, paths, path_captions):
+                    b.flush()
+        self.by_key = _Lookup(keys.finish(), key_captions.finish())
+        self.by_path = _Lookup(paths.finish(), path_captions.finish())
+
+    def captions(self, keys: list[str], paths: list[str | None]) -> list[str | None]:
+        """The caption of each sample (key, image path): by key, else by path (when the key gives none
+        or an empty one), else None."""
+        by_key = self.by_key.get(keys)
+        by_path = self.by_path.get([p if p else None for p in paths])
+        return [k or p for k, p in zip(by_key, by_path, strict=True)]

@@ -13,6 +13,7 @@ path and hold strings only; token ids also come from a `--tokens-npy` file, join
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +85,9 @@ def _column_size(meta, group: int, column: str) -> int:
     )
 
 
-def parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) -> tuple[list[SourceSample], list[Skip]]:
-    """Samples of a parquet manifest, read one row group at a time and only its cheap columns."""
+def parquet_rows(path: Path, root: Path, columns: Columns, first_row: int) -> Iterator[SourceSample | Skip]:
+    """The samples and skips of a parquet manifest, row by row, read one row group at a time and only
+    its cheap columns."""
     pf = _parquet_file(path)
     schema = pf.schema_arrow
     check_columns(path, schema.names, columns)
@@ -112,8 +114,7 @@ def parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) ->
     cheap = list(dict.fromkeys(c for c in columns.required() if c not in deferred))
     embedded = image_kind in IMAGE_KINDS
     mtime = path.stat().st_mtime_ns
-    file = str(path)  # one string shared by every row's sample: 15M rows would hold 15M copies otherwise
-    samples, skips = [], []
+    file = str(path)
     row_number = first_row - 1
     for group in range(pf.num_row_groups):
         num_rows = pf.metadata.row_group(group).num_rows
@@ -124,7 +125,7 @@ def parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) ->
             row_number += 1
             missing = [c for c in cheap if values[c][r] is None]
             if missing:
-                skips.append(Skip(f"{path.name} row {row_number}", f"missing field(s) {missing}"))
+                yield Skip(f"{path.name} row {row_number}", f"missing field(s) {missing}")
                 continue
             rel = None if embedded else str(values[columns.image][r])
             sample = SourceSample(
@@ -141,10 +142,9 @@ def parquet_samples(path: Path, root: Path, columns: Columns, first_row: int) ->
                 sample.parquet, sample.row_group, sample.row = file, group, r
             if embedded:
                 sample.size, sample.mtime_ns = size, mtime
-            samples.append(sample)
+            yield sample
     if row_number < first_row:
         raise InputError(f"{path}: the manifest has no rows")
-    return samples, skips
 
 
 def _cheap_text(values: dict, column: str | None, r: int) -> str | None:
