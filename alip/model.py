@@ -145,6 +145,20 @@ class BiPathCLIP(nn.Module):
         # count (alip.flops); the no-grad first pass of cached accumulation is recomputation, not counted.
         self.text_calls: list[tuple[int, int]] = []
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """`torch.compile` in place (state-dict keys unchanged); arguments as `nn.Module.compile`.
+
+        Untrimmed, the whole forward is compiled. Trimmed, the length planning must stay outside
+        dynamo (it reads the lengths on the host; traced, it recompiles at nearly every step, see
+        alip.text_trim), so the towers are compiled instead: the image tower, and the text
+        transformer, which the planning calls at <= 77 / ROUND rounded lengths.
+        """
+        if self.text_trim == "off":
+            super().compile(*args, **kwargs)
+            return
+        self.clip.visual.compile(*args, **kwargs)
+        self.clip.transformer.compile(*args, **kwargs)
+
     def take_text_calls(self) -> list[tuple[int, int]]:
         """The text tower calls recorded since the last take (see `text_calls`)."""
         calls, self.text_calls = self.text_calls, []

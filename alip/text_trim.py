@@ -16,6 +16,10 @@ Modes (`model.text_trim`):
 
 Lengths are rounded up to a multiple of `ROUND` so that `torch.compile` sees at most
 77 / 8 = 10 shapes per call site instead of one per distinct length (no recompilation storm).
+The planning itself (`encode_trimmed`, `encode_buckets`: lengths read on the host, bucket cut
+points) runs outside dynamo (`torch.compiler.disable`): traced, it would guard on the raw lengths
+and recompile nearly every step. With trimming on, `BiPathCLIP.compile` therefore compiles the
+towers (`clip.visual`, `clip.transformer`), which the planning calls at the rounded lengths.
 
 open_clip's `CLIP.encode_text` adds the full positional embedding and mask, so it only takes
 77-token rows; `encode_text_prefix` is the same computation with both sliced to the row length
@@ -76,6 +80,7 @@ def encode_text_prefix(clip: nn.Module, tokens: torch.Tensor, normalize: bool = 
 TextCalls = list[tuple[int, int]]  # the tower calls of a step: (texts, tokens computed per text)
 
 
+@torch.compiler.disable  # host-side planning: see the module docstring
 def encode_trimmed(clip: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, TextCalls]:
     """Normalised features of `tokens` [B, 77], computed only up to the longest text (rounded)."""
     context = tokens.shape[1]
@@ -124,6 +129,7 @@ def bucket_sizes(sorted_lengths: Sequence[int], buckets: int, context: int) -> l
     return sizes[::-1]
 
 
+@torch.compiler.disable  # host-side planning: see the module docstring
 def encode_buckets(clip: nn.Module, tokens: torch.Tensor, buckets: int) -> tuple[torch.Tensor, TextCalls]:
     """Normalised features of `tokens` [N, 77], in runs of similar length (see `bucket_sizes`)."""
     context = tokens.shape[1]

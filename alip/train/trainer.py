@@ -173,7 +173,9 @@ class Trainer:
         self.bipath = alip.BiPathCLIP(clip, text_trim=m.text_trim, text_buckets=m.text_buckets)
         net: torch.nn.Module = self.bipath
         if m.compile:
-            net.compile()  # in place: state-dict keys stay those of open_clip
+            # In place: state-dict keys stay those of open_clip. BiPathCLIP.compile compiles the whole
+            # forward when untrimmed, else the towers (the length planning stays outside dynamo).
+            self.bipath.compile()
         if self.world_size > 1:
             net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return clip, net
