@@ -19,11 +19,13 @@ from torch import nn
 
 # Dense bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
 # V100 has no bf16: its fp16 peak is the one a mixed-precision run can reach. Order matters:
-# the first match wins ("H100 PCIe" before "H100").
+# the first match wins ("H100 PCIe" and "H100 NVL" before "H100", the SXM part). H100 NVL: NVIDIA's
+# H100 datasheet gives 1,671 TFLOPS bf16 with sparsity per GPU, so 835.5 dense.
 PEAK_TFLOPS_BF16: tuple[tuple[str, float], ...] = (
     ("B200", 2250.0),
     ("H200", 989.4),
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.5),
     ("H100", 989.4),
     ("A100", 312.0),
     ("L40S", 362.1),

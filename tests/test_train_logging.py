@@ -103,3 +103,28 @@ def test_log_has_model_tflops_and_counts_each_forward_once(data, tmp_path):
     for _ in range(2):  # the second step counts only its own calls
         trainer.train_step(next(batches))
         assert trainer._step_flops() == pytest.approx(3 * (b * image_flops(clip) + 2 * b * text_flops(clip, 77)))
+
+
+def test_mfu_is_the_model_tflops_over_the_gpu_peak(data, tmp_path, monkeypatch):
+    """train/mfu = train/tflops_per_s_per_rank / the device's bf16 peak (alip.flops.device_peak_tflops,
+    which the trainer reads once; a CPU has no peak, so the test pretends one of 100 TFLOP/s)."""
+    import alip.train.trainer as trainer_module
+    from alip.train.logger import TrainLogger
+
+    monkeypatch.setattr(trainer_module, "device_peak_tflops", lambda device: 100.0)
+    logged = []
+    original = TrainLogger.log
+    monkeypatch.setattr(TrainLogger, "log", lambda self, step, m: logged.append(dict(m)) or original(self, step, m))
+    trainer = run(data, tmp_path, "train.max_steps=4", "log.tensorboard=false")
+    assert trainer._peak_tflops == 100.0
+    assert [m["train/step"] for m in logged] == [2, 4]
+    for m in logged:
+        assert m["train/tflops_per_s_per_rank"] > 0
+        assert m["train/mfu"] == m["train/tflops_per_s_per_rank"] / 100
+
+
+def test_peak_table_tells_h100_variants_apart():
+    from alip.flops import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 NVL") == 835.5  # not the SXM part's 989.4: "H100" also matches it
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
