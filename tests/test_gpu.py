@@ -42,6 +42,16 @@ def test_mixed_precision_step_is_finite(precision):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_adamw_is_fused_on_cuda():
+    """alip/train/optim.py asks for fused AdamW when every parameter is on CUDA (the bf16 config relies on it)."""
+    from alip.config import OptimConfig
+    from alip.train.optim import build_optimizer
+
+    clip, _, _ = alip.create_model("ALIP-Tiny", device=torch.device("cuda"))
+    opt = build_optimizer(clip, OptimConfig())
+    assert opt.defaults["fused"]
+
+
 def test_fp16_scaler_skips_an_injected_overflow(shards, tmp_path):
     from alip.train.trainer import Trainer
 
