@@ -406,7 +406,7 @@ def read_image_bytes(sample: SourceSample) -> bytes:
 
 # ---------------------------------------------------------------- the columnar index
 
-CHUNK = 65_536  # rows turned into Python objects at a time (building columns, reading them back)
+CHUNK = 8_192  # rows turned into Python objects at a time (building columns, reading them back)
 
 
 class StringColumn:
@@ -644,13 +644,16 @@ class IndexBuilder:
         return SampleIndex(strings, ints, parquet, files, more, self.n)
 
 
+_hash = hash  # a name, so that a test can force collisions
+
+
 class _Lookup:
     """dict.get over a StringColumn of names with their values, by 64-bit hashes sorted in NumPy (16
     bytes a name): for a name given several times, its last value wins, as in a dict."""
 
     def __init__(self, names: StringColumn, values: StringColumn) -> None:
         self.names, self.values = names, values
-        hashes = np.fromiter((hash(k) for k in names), np.int64, count=len(names))
+        hashes = np.fromiter((_hash(k) for k in names), np.int64, count=len(names))
         self.order = np.argsort(hashes, kind="stable")  # equal hashes keep file order: the last is last
         self.sorted = hashes[self.order]
 
@@ -661,7 +664,7 @@ class _Lookup:
         if not asked or not len(self.order):
             return out
         wanted = [queries[j] for j in asked]
-        h = np.fromiter((hash(q) for q in wanted), np.int64, count=len(wanted))
+        h = np.fromiter((_hash(q) for q in wanted), np.int64, count=len(wanted))
         lo, hi = np.searchsorted(self.sorted, h, "left"), np.searchsorted(self.sorted, h, "right")
         hit = np.flatnonzero(hi > lo)
         last = self.order[hi[hit] - 1]
