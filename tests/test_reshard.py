@@ -5,16 +5,20 @@ cosine schedule) checkpoints at step 6, in the middle of epoch 1. From that chec
 - 1 rank (in this process) and 3 ranks (spawned) continue to the end with `reshard`: the step
   counter, the samples seen and the learning rate continue exactly (the same total of 10 steps), the
   model after the first resumed step is one optimizer step from the checkpoint on that step's
-  global batch, and epoch 1 reads each of its records exactly once (the README's "Resume");
+  global batch (the reference loads the checkpoint directly), every rank starts from the checkpoint's
+  gate EMAs and Adam moments bitwise, and epoch 1 reads each of its records exactly once (the README's
+  "Resume");
 - a checkpoint of 4 ranks at global batch 8 is refused on 3 ranks with the accumulation hint, and a
   checkpoint of another world size without `--reshard` is refused naming the flag.
 At the loader level (no training): with 27 records, a continued epoch repeats none and leaves out
-N mod global batch, as an uninterrupted epoch does. A changed dataset is refused without `--reshard`
-and continues with it.
+N mod global batch, as an uninterrupted epoch does (drop); pad and fill repeat only their padding rows,
+except where the records left give no step (counted). A changed dataset is refused without `--reshard`
+and continues with it (the data order restarts, the schedule continues). The refusals name what to pass.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -24,14 +28,14 @@ import torch
 from dist_harness import join_rank_env, run_ranks
 from shard_factory import write_test_shards
 
-from alip.config import ConfigError, load_config, validate
+from alip.config import ConfigError, load_config, to_dict, validate
 from alip.data.loader_config import LoaderConfig, steps_per_epoch
 from alip.data.torch_loader import TorchLoader
 from alip.model import CheckpointError
 from alip.train.checkpoint import load_training_state, save_checkpoint
 from alip.train.resume import check_resume
-from alip.train.run import train
-from alip.train.trainer import Trainer
+from alip.train.run import batch_split_hint, train
+from alip.train.trainer import Trainer, build_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
@@ -65,12 +69,15 @@ def keys(batch):
 
 
 def recording(record):
-    """Trainer.train_step that also records each step's record keys, and the first step's whole batch."""
+    """Trainer.train_step that also records each step's record keys, and for the first step its whole batch
+    and the gate EMAs and optimizer state it starts from (what the resume loaded)."""
     original = Trainer.train_step
 
     def train_step(self, batch):
         if "first" not in record:
             record["first"] = {k: v.clone() for k, v in batch.items()}
+            record["loss_state"] = copy.deepcopy(self.loss_fn.state_dict())
+            record["optimizer_state"] = copy.deepcopy(self.optimizer.state_dict()["state"])
         record["keys"].append(keys(batch))
         return original(self, batch)
 
@@ -158,17 +165,54 @@ def test_a_resharded_run_continues_the_counters_and_schedule_exactly(runs, one_r
         assert lr(ckpt(run_dir, step)) == lr(ckpt(other, step))
 
 
+def assert_same_tree(got, expected, where=""):
+    """Equal nested dicts/lists of tensors and numbers; tensors bitwise (torch.equal)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, expected), where
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for k in expected:
+            assert_same_tree(got[k], expected[k], f"{where}/{k}")
+    elif isinstance(expected, list | tuple):
+        assert len(got) == len(expected), where
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert_same_tree(a, b, f"{where}/{i}")
+    else:
+        assert got == expected, where
+
+
+def resumed_records(runs, one_rank, world):
+    if world == 1:
+        return [one_rank]
+    return [torch.load(runs / f"c_rank{r}.pt", weights_only=True) for r in range(3)]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_resharded_run_starts_from_the_checkpoints_gate_emas_and_adam_moments(runs, one_rank, world):
+    """What each rank of the resumed run held when its first step began: the checkpoint's gate EMAs and the
+    checkpoint's optimizer state (Adam moments and step counts), every tensor bitwise."""
+    state = ckpt(runs / "a", RESUMED_AT)
+    assert state["optimizer"]["state"] and state["loss"]  # there is something to carry over
+    for record in resumed_records(runs, one_rank, world):
+        assert_same_tree(record["loss_state"], state["loss"], "loss")
+        assert_same_tree(record["optimizer_state"], state["optimizer"]["state"], "optimizer")
+
+
 @pytest.mark.parametrize("world", [1, 3])
 def test_the_first_resumed_step_is_one_optimizer_step_from_the_checkpoint(runs, one_rank, shards, world):
-    if world == 1:
-        batch = one_rank["first"]
-    else:
-        parts = [torch.load(runs / f"c_rank{r}.pt", weights_only=True)["first"] for r in range(3)]
-        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # global index = rank * B + i
+    """The reference loads the checkpoint's model, optimizer, scheduler and gate EMAs directly (not through
+    Trainer.load_state_dict, which the resumed run used), then takes one step on the resumed run's first
+    global batch."""
+    parts = [record["first"] for record in resumed_records(runs, one_rank, world)]
+    batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # global index = rank * B + i
     assert len(batch["text"]) == 6
     cfg = load_config(TINY, overrides(shards.meta, runs / f"ref{world}"))
     reference = Trainer(cfg, validate(cfg, 1), runs / f"ref{world}", torch.device("cpu"))
-    reference.load_state_dict(ckpt(runs / "a", RESUMED_AT), reshard=True)
+    state = ckpt(runs / "a", RESUMED_AT)
+    reference.clip.load_state_dict(state["model"])
+    reference.optimizer.load_state_dict(state["optimizer"])
+    reference.scheduler.load_state_dict(state["scheduler"])
+    reference.loss_fn.load_state_dict(state["loss"])
     assert reference.train_step(batch).applied
     resumed = ckpt(runs / ("b" if world == 1 else "c"), RESUMED_AT + 1)["model"]
     for name, value in reference.clip.state_dict().items():
@@ -214,10 +258,9 @@ def shards27(tmp_path_factory):
     return write_test_shards(tmp_path_factory.mktemp("shards27"), num_records=27, per_shard=10).meta
 
 
-def _loader(meta, batch, rank, world):
-    return TorchLoader(
-        meta, LoaderConfig(batch_size=batch, image_size=32, num_workers=0), train=True, rank=rank, world_size=world
-    )
+def _loader(meta, batch, rank, world, mode="drop"):
+    cfg = LoaderConfig(batch_size=batch, image_size=32, num_workers=0, last_batch=mode)
+    return TorchLoader(meta, cfg, train=True, rank=rank, world_size=world)
 
 
 @pytest.mark.parametrize(("new_world", "new_batch"), [(1, 6), (3, 2)])
@@ -253,20 +296,28 @@ def test_a_continued_epoch_repeats_nothing_and_leaves_out_n_mod_global_batch(
     assert len(nxt) == len(set(nxt)) == 24
 
 
-def test_an_epoch_resharded_twice_still_reads_each_record_once(shards27):
-    """2 ranks x 3 for a step, then 3 ranks x 2 for a step, then 1 rank x 6 to the end of the epoch."""
-    loaders, read = [_loader(shards27, 3, r, 2) for r in range(2)], []
+@pytest.mark.parametrize("mode", ["drop", "pad", "fill"])
+def test_an_epoch_resharded_twice_still_reads_each_record_once(shards27, mode):
+    """2 ranks x 3 for a step, then 3 ranks x 2 for a step, then 1 rank x 6 to the end of the epoch: the
+    epoch keeps its steps (drop: 4, 24 records once; pad and fill: 5, 27 records once and 3 rows again)."""
+    loaders, read = [_loader(shards27, 3, r, 2, mode) for r in range(2)], []
     for world, batch in [(3, 2), (1, 6)]:
         for loader in loaders:
             read += keys(next(iter(loader)))
         states = [loader.state_dict() for loader in loaders]
-        loaders = [_loader(shards27, batch, r, world) for r in range(world)]
+        loaders = [_loader(shards27, batch, r, world, mode) for r in range(world)]
         for loader in loaders:
             loader.continue_epoch(states)
     rest = list(loaders[0])
-    assert len(rest) == 2  # (27 - 12) // 6: the epoch still has its 4 steps in all
     read += [k for b in rest for k in keys(b)]
-    assert len(read) == len(set(read)) == 24
+    if mode == "drop":
+        assert len(rest) == 2  # (27 - 12) // 6: the epoch still has its 4 steps in all
+        assert len(read) == len(set(read)) == 24
+    else:
+        assert len(rest) == 3  # ceil((27 - 12) / 6): 5 in all
+        assert len(read) == 30 and sorted(set(read)) == list(range(27))
+        if mode == "fill":
+            assert all(len(set(keys(b))) == 6 for b in rest)
 
 
 def test_loader_states_from_before_the_global_positions_continue_the_same_way(shards27):
@@ -285,59 +336,48 @@ def test_loader_states_from_before_the_global_positions_continue_the_same_way(sh
     assert got[0] == got[1] and len(got[0]) == 3
 
 
+@pytest.mark.parametrize("mode", ["pad", "fill"])
+@pytest.mark.parametrize(("new_world", "new_batch"), [(3, 2), (6, 1), (1, 6)])
 @pytest.mark.parametrize("done", [1, 4])
-def test_a_continued_padded_epoch_repeats_only_its_padding(shards27, done):
-    """last_batch=pad: an epoch of 27 records at global batch 6 is 5 steps, every record once and 3
-    copies of padding; continued on 3 ranks after `done` steps on 2, the same."""
+def test_a_continued_padded_or_filled_epoch_repeats_only_its_padding(shards27, mode, new_world, new_batch, done):
+    """last_batch=pad or fill: an epoch of 27 records at global batch 6 is 5 steps, every record once and 3
+    rows of padding (pad: copies of a rank's last record; fill: other records of the epoch a second time).
+    Continued on `new_world` ranks after `done` steps on 2, the same: 5 - done more steps, 30 rows, 27 records.
 
-    def padded(rank, world, batch):
-        cfg = LoaderConfig(batch_size=batch, image_size=32, num_workers=0, last_batch="pad")
+    Except where the records left give no step: after 4 steps 3 records are left, and a continued epoch
+    needs, with pad, one record per rank (3 ranks: yes, 6 ranks: no), with fill, a whole batch per rank
+    (never: 3 < 6 = the global batch). Then the next epoch starts at once: those 3 records are not read in
+    this epoch, which has 4 steps instead of 5, and the run (same total steps) reads one more step later on."""
+
+    def loader(rank, world, batch):
+        cfg = LoaderConfig(batch_size=batch, image_size=32, num_workers=0, last_batch=mode)
         return TorchLoader(shards27, cfg, train=True, rank=rank, world_size=world)
 
-    old = [padded(r, 2, 3) for r in range(2)]
+    old = [loader(r, 2, 3) for r in range(2)]
     read = []
-    for loader in old:
-        it = iter(loader)
+    for each in old:
+        it = iter(each)
         read += [k for _ in range(done) for k in keys(next(it))]
-    states = [loader.state_dict() for loader in old]
-    new = [padded(r, 3, 2) for r in range(3)]
-    for loader in new:
-        loader.continue_epoch(states)
-    rest = [list(loader) for loader in new]
+    states = [each.state_dict() for each in old]
+    new = [loader(r, new_world, new_batch) for r in range(new_world)]
+    said = [each.continue_epoch(states) for each in new]
+    left = 27 - 6 * done
+    if left < (new_world if mode == "pad" else 6):
+        assert all(each.epoch == 1 and each.step == 0 for each in new)
+        assert "the 3 left fill no step: next epoch" in said[0]
+        assert len(read) == len(set(read)) == 24  # 3 records not read in epoch 0
+        nxt = [[keys(b) for b in each] for each in new]  # epoch 1 as usual: 5 steps, every record
+        assert all(len(r) == 5 for r in nxt) and sorted({k for r in nxt for b in r for k in b}) == list(range(27))
+        return
+    rest = [list(each) for each in new]
     assert all(len(r) == 5 - done for r in rest)
+    if mode == "fill":  # no global batch holds a record twice
+        for step in zip(*rest, strict=True):
+            got = [k for b in step for k in keys(b)]
+            assert len(got) == len(set(got)) == 6
     read += [k for batches in rest for b in batches for k in keys(b)]
     assert len(read) == 30 and sorted(set(read)) == list(range(27))
-
-
-@pytest.mark.parametrize("done", [1, 4])
-def test_a_continued_filled_epoch_holds_no_copies_in_any_global_batch(shards27, done):
-    """last_batch=fill: 5 steps at global batch 6 as "pad", the 3 fill rows other records of the rank's
-    part. Continued on 3 ranks x 2 after `done` steps on 2 x 3: done=1 leaves 21 records, parts of 7,
-    4 more steps with one fill row each; done=4 leaves 3, parts of 1, no whole batch: the fill rows
-    would be copies, so that epoch ends there (3 records unread) and the next one starts."""
-
-    def filled(rank, world, batch):
-        cfg = LoaderConfig(batch_size=batch, image_size=32, num_workers=0, last_batch="fill")
-        return TorchLoader(shards27, cfg, train=True, rank=rank, world_size=world)
-
-    old = [filled(r, 2, 3) for r in range(2)]
-    steps = [[] for _ in range(done)]
-    for loader in old:
-        it = iter(loader)
-        for step in steps:
-            step += keys(next(it))
-    states = [loader.state_dict() for loader in old]
-    new = [filled(r, 3, 2) for r in range(3)]
-    said = [loader.continue_epoch(states) for loader in new]
-    rest = [list(loader) for loader in new]  # the rest of the epoch (done=1), the next one (done=4)
-    steps += [[k for r in rest for k in keys(r[i])] for i in range(len(rest[0]))]
-    assert all(len(set(step)) == len(step) == 6 for step in steps)  # no copies in a global batch
-    read = {k for step in steps for k in step}
-    if done == 1:
-        assert len(steps) == 5 and read == set(range(27))
-    else:
-        assert "fill no step: next epoch" in said[0] and all(loader.epoch == 2 for loader in new)
-        assert len(steps) == 4 + 5 and len(read) == 27
+    assert all(each.epoch == 1 for each in new)
 
 
 def test_steps_per_epoch_depend_on_the_global_batch_only():
@@ -347,6 +387,45 @@ def test_steps_per_epoch_depend_on_the_global_batch_only():
         for w, b in [(1, 12), (2, 6), (3, 4), (4, 3), (6, 2), (12, 1)]:
             for mode in ("drop", "fill", "pad"):
                 assert steps_per_epoch(n, b, w, mode) == steps_per_epoch(n, 12, 1, mode), (n, w, mode)
+
+
+def test_a_launcher_batch_on_other_ranks_is_refused_with_the_checkpoints_global_batch(shards):
+    """8 ranks at global batch 4096, back on 4 ranks with a launcher that passes 4 x 512: the refusal says which
+    batch to pass (not "start a new run"), with --reshard and without it."""
+    cfg = load_config(TINY, [f"data.train={shards.meta}", "train.batch_size=4096"])
+    state = {"world_size": 8, "config": to_dict(cfg)}
+    smaller = load_config(TINY, [f"data.train={shards.meta}", "train.batch_size=2048"])
+    hint = "--reshard keeps the checkpoint's global batch: pass train.batch_size=4096 (launcher: GLOBAL_BATCH=4096)"
+    with pytest.raises(CheckpointError) as refused:
+        check_resume(state, smaller, 4, reshard=True)
+    assert hint in str(refused.value) and "train.batch_size 4096 -> 2048" in str(refused.value)
+    assert "start a new run" not in str(refused.value)
+    with pytest.raises(CheckpointError) as refused:
+        check_resume(state, smaller, 4)
+    assert "written by 8 ranks, this run has 4" in str(refused.value) and hint in str(refused.value)
+    # With another refused change as well, both are named and the hint is kept.
+    other = load_config(TINY, [f"data.train={shards.meta}", "train.batch_size=2048", "train.seed=1"])
+    with pytest.raises(CheckpointError, match="train.seed.*start a new run.*GLOBAL_BATCH=4096"):
+        check_resume(state, other, 4, reshard=True)
+    check_resume(state, cfg, 4, reshard=True)  # the checkpoint's batch: accepted
+    with pytest.raises(CheckpointError) as refused:  # the same world size: no hint about --reshard
+        check_resume({"world_size": 4, "config": to_dict(cfg)}, smaller, 4)
+    assert "GLOBAL_BATCH" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("batch", "accum", "world", "expected"),
+    [
+        (8, 4, 4, "On 4 ranks each rank takes 2 samples per step: train.accum_steps must divide it (1, 2)"),
+        (24, 5, 4, "train.accum_steps must divide it (1, 2, 3, 6)"),
+        (8, 1, 3, "splits evenly over 1, 2, 4, 8 ranks only"),
+        (8, 2, 4, None),
+    ],
+)
+def test_batch_split_hint(shards, batch, accum, world, expected):
+    cfg = load_config(TINY, [f"data.train={shards.meta}", f"train.batch_size={batch}", f"train.accum_steps={accum}"])
+    hint = batch_split_hint(cfg, world)
+    assert hint == expected if expected is None else expected in hint
 
 
 def test_reshard_needs_resume(capsys):
@@ -377,20 +456,36 @@ def test_a_continued_epoch_resumes_exactly_on_its_own_world_size(shards27):
 
 
 def test_changed_shards_are_refused_without_reshard_and_continue_with_it(shards, tmp_path, one_thread, caplog):
+    """24 records, checkpointed at step 3 of 5 (epoch 0), continued on 30 records: the data order restarts
+    (the steps after the resume read the first batches of a fresh loader on the 30), and the schedule
+    continues (a cosine: the last step's learning rate is the uninterrupted run's)."""
     run_dir = tmp_path / "run"
     base = ["train.batch_size=4", "train.max_steps=5", "checkpoint.every_steps=3", "checkpoint.export=false"]
+    base += ["schedule.name=cosine", "schedule.warmup=0.2"]
     train(load_config(TINY, [f"data.train={shards.meta}", f"output_dir={run_dir}", *base]))
     grown = write_test_shards(tmp_path / "grown", num_records=30, per_shard=10).meta
     start = str(run_dir / "checkpoints" / "step-00000003.pt")
+    assert load_training_state(start)["ranks"][0]["loader"]["epoch"] == 0
     cfg = load_config(TINY, [f"data.train={grown}", f"output_dir={tmp_path / 'b'}", *base])
     with pytest.raises(CheckpointError, match="data.train.*--reshard"):
         train(cfg, start)
     assert not (tmp_path / "b" / "config.yaml").exists()
-    with caplog.at_level(logging.WARNING, logger="alip.train"):
-        trainer = train(cfg, start, reshard=True)
+    record = {"keys": []}
+    original = Trainer.train_step
+    Trainer.train_step = recording(record)
+    try:
+        with caplog.at_level(logging.WARNING, logger="alip.train"):
+            trainer = train(cfg, start, reshard=True)
+    finally:
+        Trainer.train_step = original
     assert trainer.state.step == 5 and trainer.loader.num_records == 30
     assert "starts afresh over the 30 records" in caplog.text
     assert [r["step"] for r in losses(tmp_path / "b")] == [4, 5]  # a new folder
+    fresh = build_loader(cfg, validate(cfg, 1), torch.device("cpu"))
+    it = iter(fresh)
+    assert record["keys"] == [keys(next(it)) for _ in range(2)]  # epoch 0 of the 30 records, from its start
+    assert lr(ckpt(tmp_path / "b", 5)) == lr(ckpt(run_dir, 5))
+    assert lr(ckpt(tmp_path / "b", 5)) != lr(ckpt(run_dir, 3))  # the cosine moved: the check means something
     # The same folder regrown under the same name: its digest differs, refused the same way without the flag.
     state = load_training_state(start)
     state["ranks"][0]["loader"]["shards_digest"] = "0" * 64

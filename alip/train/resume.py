@@ -107,10 +107,12 @@ def check_resume(state: dict[str, Any], cfg: Config, world_size: int, reshard: b
 
     With `reshard`, a checkpoint of another world size and a changed data.train are accepted too."""
     old_world = state["world_size"]
+    batch_hint = _global_batch_hint(state["config"], cfg, old_world, world_size)
     if old_world != world_size and not reshard:
         raise CheckpointError(
             f"checkpoint was written by {old_world} ranks, this run has {world_size}: exact resume needs the same "
             f"world size (the data order and loader states are per rank); {RESHARD_HINT}"
+            + (f". {batch_hint}" if batch_hint else "")
         )
     changes = config_changes(state["config"], cfg)
 
@@ -119,6 +121,9 @@ def check_resume(state: dict[str, Any], cfg: Config, world_size: int, reshard: b
         return applies_on_resume(key) or (reshard and key in RESHARD_APPLIED)
 
     refused = [c for c in changes if not allowed(c)]
+    if refused and batch_hint and [c.split(" ")[0] for c in refused] == ["train.batch_size"]:
+        # Most likely a launcher that derives the global batch from the GPU count: not a reason for a new run.
+        raise CheckpointError(f"cannot resume with {refused[0]} on {world_size} ranks (was {old_world}): {batch_hint}")
     if refused:
         data = any(c.split(" ")[0] in RESHARD_APPLIED for c in refused)
         raise CheckpointError(
@@ -126,6 +131,7 @@ def check_resume(state: dict[str, Any], cfg: Config, world_size: int, reshard: b
             "make the checkpoint's weights, gate state or data position mean something else; start a new "
             "run instead (model.pretrained=CHECKPOINT keeps the weights)"
             + ("; for data.train, " + RESHARD_HINT if data else "")
+            + (f"; for train.batch_size, {batch_hint}" if batch_hint else "")
         )
     if get_rank() != 0:
         return
@@ -133,6 +139,18 @@ def check_resume(state: dict[str, Any], cfg: Config, world_size: int, reshard: b
         logger.warning("resuming with a changed config, applied from the next step on: %s", ", ".join(changes))
     if old_world != world_size:
         _warn_batch_split(state["config"], cfg, old_world, world_size)
+
+
+def _global_batch_hint(saved: dict[str, Any], cfg: Config, old_world: int, world_size: int) -> str | None:
+    """Where the world size and train.batch_size both changed: the batch the checkpoint needs. A launcher that
+    derives the global batch from the GPU count (scripts/train_yfcc15m_B32_ALIP.sh) passes another one."""
+    old_batch = saved.get("train", {}).get("batch_size", Config().train.batch_size)
+    if old_world == world_size or old_batch == cfg.train.batch_size:
+        return None
+    return (
+        f"--reshard keeps the checkpoint's global batch: pass train.batch_size={old_batch} "
+        f"(launcher: GLOBAL_BATCH={old_batch})"
+    )
 
 
 def _warn_batch_split(saved: dict[str, Any], cfg: Config, old_world: int, world_size: int) -> None:
