@@ -47,7 +47,8 @@ the deep check (`tools/inspect_rec.py --check --deep`).
 
 Resuming. `state_dict()` holds DALI's pipeline checkpoint (reader position, shuffle buffer and the
 random state of every augmentation) plus the epoch and step: a loader restored from it yields
-exactly the batches the original would have. The state is per rank: every rank must save and
+exactly the batches the original would have (with "fill", but for the fill rows of the epoch's last
+batch: see above; the kept rows are not in the state). The state is per rank: every rank must save and
 restore its own. On another world size (`--reshard`) the reader's position means nothing:
 `continue_epoch` starts the epoch the ranks were in again from its beginning (the next one where
 they had finished it), in a fresh pipeline whose first part keeps part = (rank + epoch) % W.

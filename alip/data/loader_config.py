@@ -33,7 +33,7 @@ batches, and parts can differ by one record; `last_batch` says what happens to t
   `samples_seen` counts them as samples. Kept so that runs started with it resume unchanged; it logs
   a warning at loader start.
 
-Eval mode (train=False) never drops or repeats a record: "pad" pads as above, anything else yields the last
+Eval mode (train=False) never drops a record: "pad" pads as above, "drop" and "fill" yield the last
 batches short (even empty on a rank whose part ran out), so that every record comes exactly once
 and every rank still takes the same number of steps.
 """
@@ -316,8 +316,9 @@ def steps_per_epoch(num_records: int, batch_size: int, world_size: int, mode: st
     if mode == "fill" and num_records // world_size < batch_size:
         raise ValueError(
             f"data.last_batch=fill needs every rank's part of the {num_records} records to hold a whole batch, "
-            f"but {world_size} rank(s) get parts of {num_records // world_size} and batch_size is {batch_size}: "
-            "the fill rows would repeat records of the same batch; use a smaller batch, or data.last_batch=pad"
+            f"but the smallest of {world_size} parts holds {num_records // world_size} records, fewer than the "
+            f"per-rank batch of {batch_size}: the fill rows would repeat records of the same batch; use a "
+            "smaller batch, or data.last_batch=pad"
         )
     return math.ceil(math.ceil(num_records / world_size) / batch_size)
 
