@@ -1,9 +1,12 @@
 """benchmarks/gpu_suite.py --cpu-dry-run: every stage's code path runs, so the suite is ready when a GPU is."""
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +29,22 @@ def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
         by_stage.setdefault(r["stage"], []).append(r)
     assert set(by_stage) == {"tests", "train", "loss", "probe", "caption", "dali"}
     train = by_stage["train"]
-    assert len(train) == 7 and all(r["samples_per_s"] > 0 and r["tflops_per_s"] >= 0 for r in train)
-    assert {r["trim"] for r in train} == {"off", "batch", "buckets"} and any(r["compile"] for r in train)
+    assert len(train) == 8 and all(r["samples_per_s"] > 0 and r["tflops_per_s"] >= 0 for r in train)
+    assert {r["trim"] for r in train} == {"off", "batch", "buckets"}
+    assert {r["trim"] for r in train if r["compile"]} == {"off", "buckets"}  # buckets: the towers compiled
     assert any("skipped" in r.get("pytest", "") for r in by_stage["tests"])  # no GPU here: collected, skipped
     assert any("alip_ms" in r for r in by_stage["loss"]) and any("ours_test_acc" in r for r in by_stage["probe"])
     assert any("end_to_end_images_per_s" in r for r in by_stage["caption"])
     assert {r.get("loader") for r in by_stage["dali"]} >= {"dali", "torch"}
     assert res.stdout.rstrip().splitlines()[-1].startswith("dali")  # the table comes last
+
+
+def test_train_stage_reports_rows_past_its_budget_as_skipped(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_suite
+
+    monkeypatch.setattr(gpu_suite, "Step", lambda *a, **k: pytest.fail("a row ran past the budget"))
+    rows = gpu_suite.train_stage(argparse.Namespace(cpu_dry_run=True, train_budget=0.0))
+    assert len(rows) == len(gpu_suite.train_grid(True)) == 8
+    assert all(r["stage"] == "train" and r["status"] == "skipped: train budget of 0 s spent" for r in rows)
+    assert {(r["compile"], r["trim"]) for r in rows} >= {(True, "off"), (True, "buckets")}
