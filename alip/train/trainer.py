@@ -232,7 +232,7 @@ class Trainer:
         Hyperparameters come from this trainer's config (see resume_optimizer), the rest from `state`.
         With `reshard`, `state` may come from another world size or other shards (see `_reshard_data`).
         The run's total needs no change on another world size: an epoch is N // global batch steps
-        ("drop") or ceil(N / global batch) ("pad", as ceil(ceil(N / W) / B) equals it), and the global
+        ("drop") or ceil(N / global batch) ("pad" and "fill", as ceil(ceil(N / W) / B) equals it), and the global
         batch is the checkpoint's. On other shards, `train.epochs` counts epochs of the new data.
         """
         loaders = [r["loader"] for r in state["ranks"]]
