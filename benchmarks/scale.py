@@ -448,6 +448,9 @@ def summarise(results: list[dict]) -> list[dict]:
             row["time_slope"] = fit([(r["n"], r["seconds"]) for r in got])
             extra = [(r["n"], max(r["peak_rss"] - r["base"], 1)) for r in got]
             row["rss_slope"] = fit(extra)
+            cpu = [(r["n"], r["cpu_seconds"]) for r in got if "cpu_seconds" in r]
+            if len(cpu) >= 2:
+                row["cpu_slope"] = fit(cpu)
             for target in TARGETS:
                 scale = target / top["n"]
                 # Every stage touches every record or every shard: a slope under 1 is the fixed costs
@@ -494,6 +497,24 @@ def table(rows: list[dict], sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(rows: list[dict], sizes: list[int]) -> str:
+    """The stages' own CPU time (of the run kept) and its log-log slope, for the stages that record it."""
+    lines = []
+    for row in rows:
+        if "cpu_slope" not in row:
+            continue
+        cells = [row["stage"]]
+        for n in sizes:
+            r = row["by_size"].get(n)
+            cells.append(_fmt_s(r["cpu_seconds"]) if r and "cpu_seconds" in r else "-")
+        cells.append(f"{row['cpu_slope']:.3f}" if row["cpu_slope"] is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = ["stage", *[f"{n:,}: CPU time" for n in sizes], "slope (CPU time)"]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines])
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         sys.path.insert(0, str(ROOT))
@@ -513,7 +534,10 @@ def main() -> None:
         for path in args.report:  # a later file's measurement of a stage and size replaces an earlier one
             results += json.loads(path.read_text())["results"]
         results = list({(r["stage"], r["n"]): r for r in results}.values())
-        print(table(summarise(results), sorted({r["n"] for r in results})))
+        rows, sizes = summarise(results), sorted({r["n"] for r in results})
+        print(table(rows, sizes))
+        if cpu_table(rows, sizes):
+            print("\n" + cpu_table(rows, sizes))
         return
     for n in args.sizes:
         folder = args.work / str(n)
@@ -544,6 +568,8 @@ def main() -> None:
     }
     print(json.dumps(info))
     print(table(rows, args.sizes))
+    if cpu_table(rows, args.sizes):
+        print("\n" + cpu_table(rows, args.sizes))
     if args.json:
         args.json.write_text(json.dumps({"info": info, "results": results, "rows": rows}, indent=1, default=str))
 

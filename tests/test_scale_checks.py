@@ -198,7 +198,10 @@ def test_scale_benchmark_runs_at_tiny_sizes(tmp_path):
     for row in rows.values():
         assert row["time_slope"] is not None and row["peak_rss_15000000"] >= row["by_size"]["600"]["base"]
         assert row["seconds_100000000"] >= row["seconds_15000000"] > 0
-    table = done.stdout.splitlines()
-    assert table[-len(stages) - 2].startswith("| stage | 300: time / peak RSS | 600: time / peak RSS | slope")
-    assert [line.split(" | ")[0] for line in table[-len(stages) :]] == [f"| {s}" for s in stages]
+    lines = done.stdout.splitlines()
+    top = lines.index(next(line for line in lines if line.startswith("| stage | 300: time / peak RSS")))
+    assert [line.split(" | ")[0] for line in lines[top + 2 : top + 2 + len(stages)]] == [f"| {s}" for s in stages]
+    cpu = lines.index("| stage | 300: CPU time | 600: CPU time | slope (CPU time) |")  # merge does not record it
+    assert [line.split(" | ")[0] for line in lines[cpu + 2 :]] == ["| index", "| plan", "| plan_parquet"]
+    assert all(got[s, 600]["cpu_seconds"] > 0 for s in stages[:3])
     assert data["info"]["pyarrow"] and data["info"]["command"].startswith(".venv/bin/python benchmarks/scale.py")
