@@ -1,6 +1,7 @@
 """Length-aware text encoding is exact: features and gradients equal the full-context ones."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,32 @@ def test_compile_with_buckets_compiles_few_text_shapes(one_thread):
     off = alip.BiPathCLIP(model, text_trim="off")
     off.compile(backend=counting_eager_backend)
     assert off._compiled_call_impl is not None  # untrimmed: the whole forward, as before
+
+
+@pytest.mark.parametrize("trim", ["off", "buckets"])
+def test_trainer_compiles_the_towers_when_trimming(trim, tmp_path):
+    """model.compile in the trainer goes through BiPathCLIP.compile (construction only: nothing is traced)."""
+    from shard_factory import write_test_shards
+
+    from alip.config import load_config, validate
+    from alip.train.trainer import Trainer
+
+    meta = write_test_shards(tmp_path / "shards", num_records=8, per_shard=8).meta
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    overrides = [
+        f"data.train={meta}",
+        f"output_dir={tmp_path / 'run'}",
+        "model.compile=true",
+        f"model.text_trim={trim}",
+    ]
+    cfg = load_config(tiny, overrides)
+    trainer = Trainer(cfg, validate(cfg, 1), tmp_path / "run", torch.device("cpu"))
+    try:
+        whole = trainer.bipath._compiled_call_impl is not None
+        towers = [m._compiled_call_impl is not None for m in (trainer.clip.visual, trainer.clip.transformer)]
+        assert (whole, towers) == ((True, [False, False]) if trim == "off" else (False, [True, True]))
+        assert "transformer.resblocks.0.attn.in_proj_weight" in trainer.clip.state_dict()  # keys unchanged
+    finally:
+        trainer.loader.close()
+        trainer.logger.close()
+        torch.use_deterministic_algorithms(False)  # the tiny config switches it on process-wide
