@@ -254,9 +254,10 @@ def duplicate_keys(keys: Sequence[str]) -> list[str]:
     """The keys that occur more than once. Sorts 64-bit hashes in NumPy (8 bytes a key) and compares
     only the keys whose hashes collide: a Counter of 15M keys would hold about 1 GB at the index's peak."""
     hashes = np.fromiter((hash(k) for k in keys), dtype=np.int64, count=len(keys))
-    order = np.argsort(hashes, kind="stable")
-    collide = np.flatnonzero(np.diff(hashes[order]) == 0)
-    candidates = np.unique(np.concatenate([order[collide], order[collide + 1]]))
+    ordered = np.sort(hashes)
+    colliding = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    candidates = np.flatnonzero(np.isin(hashes, colliding))
     counts = Counter(keys[i] for i in candidates.tolist())
     return [k for k, n in counts.items() if n > 1]
 
@@ -267,7 +268,7 @@ def stat_images(samples: SampleIndex) -> None:
     rows = samples.all_rows()
     for first in range(0, len(rows), CHUNK):
         chunk = rows[first : first + CHUNK]
-        images = samples.strings["image"].take(chunk)
+        images = samples.images(chunk)
         in_tar = (samples.int_values("tar_offset", chunk) >= 0).tolist()
         for row, image, tar, parquet in zip(chunk.tolist(), images, in_tar, samples.parquet_values(chunk), strict=True):
             if tar or image == parquet:  # a tar member, an image embedded in a parquet manifest
@@ -436,7 +437,7 @@ def _fingerprint_lines(task: ShardTask, start: int, stop: int) -> list[str]:
         strings = source.strings
         fields = [
             strings["key"].take(rows),
-            strings["image"].take(rows),
+            source.images(rows),
             source.int_values("tar_offset", rows).tolist(),
             strings["raw_text"].take(rows),
             strings["caption"].take(rows),

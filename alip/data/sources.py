@@ -492,6 +492,7 @@ class StringColumnBuilder:
 
 
 STRING_FIELDS = ("key", "image", "raw_text", "caption", "path")
+MAX_PREFIXES = 1 << 20  # image folders kept once (SampleIndex.image_prefix); more are stored whole
 INT_FIELDS = ("tar_offset", "size", "mtime_ns", "row_group", "row", "input_row")
 
 
@@ -505,6 +506,10 @@ class SampleIndex:
     rows (None: all): the rows whose caption is missing are dropped without copying the columns.
     Positions passed to `samples`, `strings`, `ints` are stored rows ("physical"); `physical`
     maps sample positions to them.
+
+    An image path is mostly a folder (the manifest's image root, the tar) followed by the manifest's
+    path as written: then only the folder's number is stored (`image_prefix` into `prefixes`), and
+    the "image" column holds "" (`images` puts the two together).
     """
 
     def __init__(
@@ -515,6 +520,8 @@ class SampleIndex:
         parquet_files: list[str],
         more: list[StringColumn] | None,
         num_rows: int,
+        image_prefix: np.ndarray | None = None,
+        prefixes: list[str] | None = None,
     ) -> None:
         self.strings = strings
         self.ints = ints
@@ -523,6 +530,8 @@ class SampleIndex:
         self.more = more  # caption slots 2..K (None: K = 1, SourceSample.more_captions is None)
         self.num_rows = num_rows
         self.rows: np.ndarray | None = None
+        self.image_prefix = image_prefix  # [n] int32 into prefixes: image = prefix + (path or ""); -1: in "image"
+        self.prefixes = prefixes or []
 
     @classmethod
     def from_samples(cls, samples: list[SourceSample]) -> SampleIndex:
@@ -533,6 +542,14 @@ class SampleIndex:
 
     def __len__(self) -> int:
         return self.num_rows if self.rows is None else len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes its columns hold."""
+        strings = [*self.strings.values(), *(self.more or [])]
+        arrays = [*(c.offsets for c in strings), *(c.valid for c in strings), *self.ints.values()]
+        arrays += [self.parquet, self.rows, self.image_prefix]
+        return sum(len(c.data) for c in strings) + sum(a.nbytes for a in arrays if a is not None)
 
     def physical(self, positions: np.ndarray) -> np.ndarray:
         """The stored rows of the samples at `positions`."""
@@ -564,6 +581,19 @@ class SampleIndex:
             self.ints[name] = np.full(self.num_rows, -1, np.int64)
         return self.ints[name]
 
+    def images(self, rows: np.ndarray, paths: list[str | None] | None = None) -> list[str]:
+        """SourceSample.image of the stored rows `rows` (`paths`: their "path" values, when already read)."""
+        images = self.strings["image"].take(rows)
+        if self.image_prefix is None:
+            return images
+        if paths is None:
+            paths = self.strings["path"].take(rows)
+        prefixes = self.prefixes
+        return [
+            prefixes[p] + (path or "") if p >= 0 else image
+            for p, path, image in zip(self.image_prefix[rows].tolist(), paths, images, strict=True)
+        ]
+
     def parquet_values(self, rows: np.ndarray) -> list[str | None]:
         if self.parquet is None:
             return [None] * len(rows)
@@ -579,6 +609,7 @@ class SampleIndex:
     def samples(self, rows: np.ndarray) -> list[SourceSample]:
         """SourceSamples of the stored rows `rows` (int64 array), in that order."""
         strings = [self.strings[name].take(rows) for name in STRING_FIELDS]
+        strings[1] = self.images(rows, strings[4])  # image, from path
         ints = [self.int_values(name, rows).tolist() for name in INT_FIELDS]
         more = self.more_values(rows) or itertools.repeat(None)
         return [
@@ -593,14 +624,40 @@ class SampleIndex:
         ]
 
 
+class IntColumnBuilder:
+    """Appends integers to a NumPy column; a column of -1 only (no tar offsets in a manifest, no row groups
+    outside parquet) is never stored: `finish` returns None."""
+
+    def __init__(self, typecode: str = "q") -> None:
+        self.typecode = typecode
+        self.values: array | None = None
+        self.defaults = 0  # rows of -1 before the first other value
+        self.pending: list[int] = []
+
+    def flush(self) -> None:
+        chunk, self.pending = self.pending, []
+        if self.values is None and chunk.count(-1) == len(chunk):
+            self.defaults += len(chunk)
+            return
+        if self.values is None:
+            self.values = array(self.typecode, [-1]) * self.defaults
+        self.values.extend(chunk)
+
+    def finish(self) -> np.ndarray | None:
+        self.flush()
+        return None if self.values is None else np.frombuffer(self.values, np.dtype(self.typecode))
+
+
 class IndexBuilder:
     """Builds a SampleIndex from SourceSamples added one at a time (none of them kept)."""
 
     def __init__(self, more: int = 0) -> None:
         self.strings = {name: StringColumnBuilder() for name in STRING_FIELDS}
-        self.ints = {name: array("q") for name in INT_FIELDS}
-        self.parquet = array("i")
+        self.ints = {name: IntColumnBuilder() for name in INT_FIELDS}
+        self.parquet = IntColumnBuilder("i")
         self.parquet_ids: dict[str, int] = {}
+        self.image_prefix = IntColumnBuilder("i")
+        self.prefix_ids: dict[str, int] = {}
         self.more_count = more  # caption slots 2..K per sample (0: K = 1, more_captions is None)
         self.more = [StringColumnBuilder() for _ in range(more)]
         self.n = 0
@@ -610,38 +667,41 @@ class IndexBuilder:
             raise ValueError(f"{s.key}: caption slots 2..K {s.more_captions}, expected {self.more_count} of them")
         strings, ints = self.strings, self.ints
         strings["key"].pending.append(s.key)
-        strings["image"].pending.append(s.image)
+        image, rest = s.image, s.path or ""
+        prefix = self.prefix_ids.get(image[: len(image) - len(rest)], -1) if image.endswith(rest) else -1
+        if prefix < 0 and image.endswith(rest) and len(self.prefix_ids) < MAX_PREFIXES:
+            prefix = self.prefix_ids[image[: len(image) - len(rest)]] = len(self.prefix_ids)
+        self.image_prefix.pending.append(prefix)
+        strings["image"].pending.append("" if prefix >= 0 else image)
         strings["raw_text"].pending.append(s.raw_text)
         strings["caption"].pending.append(s.caption)
         strings["path"].pending.append(s.path)
-        ints["tar_offset"].append(s.tar_offset)
-        ints["size"].append(s.size)
-        ints["mtime_ns"].append(s.mtime_ns)
-        ints["row_group"].append(s.row_group)
-        ints["row"].append(s.row)
-        ints["input_row"].append(s.input_row)
+        ints["tar_offset"].pending.append(s.tar_offset)
+        ints["size"].pending.append(s.size)
+        ints["mtime_ns"].pending.append(s.mtime_ns)
+        ints["row_group"].pending.append(s.row_group)
+        ints["row"].pending.append(s.row)
+        ints["input_row"].pending.append(s.input_row)
         if s.parquet is None:
-            self.parquet.append(-1)
+            self.parquet.pending.append(-1)
         else:
-            self.parquet.append(self.parquet_ids.setdefault(s.parquet, len(self.parquet_ids)))
+            self.parquet.pending.append(self.parquet_ids.setdefault(s.parquet, len(self.parquet_ids)))
         if self.more_count:
             for column, value in zip(self.more, s.more_captions, strict=True):
                 column.pending.append(value)
         self.n += 1
         if self.n % CHUNK == 0:
-            for column in (*strings.values(), *self.more):
+            for column in (*strings.values(), *ints.values(), self.parquet, self.image_prefix, *self.more):
                 column.flush()
 
     def finish(self) -> SampleIndex:
         strings = {name: b.finish() for name, b in self.strings.items()}
-        ints = {}
-        for name, values in self.ints.items():
-            column = np.frombuffer(values, np.int64) if len(values) else np.zeros(0, np.int64)
-            ints[name] = None if (column == -1).all() else column  # -1 everywhere: not stored
-        parquet = np.frombuffer(self.parquet, np.int32) if self.parquet_ids else None
+        ints = {name: b.finish() for name, b in self.ints.items()}
         more = [b.finish() for b in self.more] if self.more_count else None
         files = sorted(self.parquet_ids, key=self.parquet_ids.get)
-        return SampleIndex(strings, ints, parquet, files, more, self.n)
+        prefixes = sorted(self.prefix_ids, key=self.prefix_ids.get)
+        image_prefix = self.image_prefix.finish()
+        return SampleIndex(strings, ints, self.parquet.finish(), files, more, self.n, image_prefix, prefixes)
 
 
 _hash = hash  # a name, so that a test can force collisions
@@ -668,15 +728,15 @@ class _Lookup:
         lo, hi = np.searchsorted(self.sorted, h, "left"), np.searchsorted(self.sorted, h, "right")
         hit = np.flatnonzero(hi > lo)
         last = self.order[hi[hit] - 1]
-        for j, pos, name, first, end in zip(
-            hit.tolist(), last.tolist(), self.names.take(last), lo[hit].tolist(), hi[hit].tolist(), strict=True
-        ):
-            q = wanted[j]
-            if name != q:  # a hash collision: look through the other names with this hash
-                same = [int(p) for p in self.order[first : end - 1][::-1]]
-                pos = next((p for p in same if self.names[p] == q), -1)
-            if pos >= 0:
-                out[asked[j]] = self.values[pos]
+        positions = last.tolist()
+        for n, (j, name) in enumerate(zip(hit.tolist(), self.names.take(last), strict=True)):
+            if name != wanted[j]:  # a hash collision: look through the other names with this hash
+                same = self.order[lo[j] : hi[j] - 1][::-1].tolist()
+                positions[n] = next((p for p in same if self.names[p] == wanted[j]), -1)
+        found = [(asked[j], p) for j, p in zip(hit.tolist(), positions, strict=True) if p >= 0]
+        values = self.values.take(np.asarray([p for _, p in found], np.int64))
+        for (i, _), value in zip(found, values, strict=True):
+            out[i] = value
         return out
 
 
