@@ -7,6 +7,7 @@ row and that every path through it gives the values the per-row objects gave."""
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import pickle
 import random
@@ -178,3 +179,13 @@ def test_a_shard_task_travels_without_the_index_and_keeps_the_fingerprint(tmp_pa
     assert [shard_stamp(t) for t in sent] == [shard_stamp(t) for t in tasks]
     # a list of SourceSamples plans exactly as the index does
     assert [t.items for t in plan_shards(list(samples), opts)] == [t.items for t in tasks]
+
+
+def test_image_paths_are_the_strings_pathlib_makes():
+    """The manifest reader joins root and path as strings where pathlib would give the same string."""
+    parts = ["", ".", "..", "a", "b.jpg", "/", "//", "./", " ", "é", "\\", "x/", ".hidden"]
+    roots = [Path("."), Path("/"), Path("/data"), Path("data/sub"), Path("/data/x/"), Path("..")]
+    rels = {"".join(c) for k in (1, 2, 3) for c in itertools.product(parts, repeat=k)} - {""}
+    for root in roots:
+        for rel in rels:
+            assert sources.image_path(root, rel) == str(root / rel), (root, rel)

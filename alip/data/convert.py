@@ -308,9 +308,12 @@ def _joined(samples: SampleIndex, table: CaptionTable, old: StringColumn | None)
     """A caption column joined from a sidecar, by key or path: a sample's caption from the sidecar, else
     `old`'s (None: else None)."""
     out = StringColumnBuilder()
+    if old is not None and old.valid is not None and not old.valid.any():
+        old = None  # no caption to keep
     for first in range(0, samples.num_rows, CHUNK):
         rows = np.arange(first, min(first + CHUNK, samples.num_rows))
-        found = table.captions(samples.strings["key"].take(rows), samples.strings["path"].take(rows))
+        paths = samples.strings["path"].take(rows) if table.has_paths else [None] * len(rows)
+        found = table.captions(samples.strings["key"].take(rows), paths)
         if old is not None:
             found = [o if f is None else f for f, o in zip(found, old.take(rows), strict=True)]
         out.pending = found

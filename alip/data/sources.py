@@ -234,6 +234,7 @@ def iter_manifest(
 ) -> Iterator[SourceSample | Skip]:
     """The samples and skips of one manifest, row by row (`manifest_samples` as a stream)."""
     root = image_root if image_root is not None else path.parent
+    root_str = str(root)
     if path.suffix.lower() == ".parquet":
         from alip.data.typed_columns import parquet_rows  # pyarrow only for parquet; that module builds on this one
 
@@ -256,7 +257,7 @@ def iter_manifest(
         rel = str(row[columns.image])
         yield SourceSample(
             key=str(row[columns.key]) if columns.key else str(row_number),
-            image=str(root / rel),
+            image=image_path(root, rel, root_str),
             raw_text=str(row[columns.text]) if columns.text else "",
             caption=str(row[columns.caption]) if columns.caption else None,
             path=rel,
@@ -265,6 +266,26 @@ def iter_manifest(
         )
     if row_number < first_row:
         raise InputError(f"{path}: the manifest has no rows")
+
+
+def image_path(root: Path, rel: str, root_str: str | None = None) -> str:
+    """str(root / rel), without building a Path when the plain string is the same (a relative path with no
+    empty or "." part under a root other than "/" or "."): pathlib costs a microsecond and more a row."""
+    root_str = str(root) if root_str is None else root_str
+    if (
+        rel
+        and rel[0] != "/"
+        and rel[-1] != "/"
+        and "//" not in rel
+        and "/./" not in rel
+        and rel != "."
+        and not rel.startswith("./")
+        and not rel.endswith("/.")
+        and root_str[-1] != "/"
+        and root_str != "."
+    ):
+        return root_str + "/" + rel
+    return str(root / rel)
 
 
 def tar_samples(
@@ -478,7 +499,7 @@ class StringColumnBuilder:
         self.offsets.extend(itertools.accumulate(lengths, initial=self.offsets[-1]))
         self.offsets.pop(len(self.offsets) - len(lengths) - 1)  # the repeated initial offset
         self.data += joined
-        self.pending = []
+        self.pending.clear()  # the same list: IndexBuilder holds its append method
 
     def finish(self) -> StringColumn:
         self.flush()
@@ -635,13 +656,14 @@ class IntColumnBuilder:
         self.pending: list[int] = []
 
     def flush(self) -> None:
-        chunk, self.pending = self.pending, []
+        chunk = self.pending
         if self.values is None and chunk.count(-1) == len(chunk):
             self.defaults += len(chunk)
-            return
-        if self.values is None:
-            self.values = array(self.typecode, [-1]) * self.defaults
-        self.values.extend(chunk)
+        else:
+            if self.values is None:
+                self.values = array(self.typecode, [-1]) * self.defaults
+            self.values.extend(chunk)
+        chunk.clear()  # the same list: IndexBuilder holds its append method
 
     def finish(self) -> np.ndarray | None:
         self.flush()
@@ -661,37 +683,41 @@ class IndexBuilder:
         self.more_count = more  # caption slots 2..K per sample (0: K = 1, more_captions is None)
         self.more = [StringColumnBuilder() for _ in range(more)]
         self.n = 0
+        self.columns = [*self.strings.values(), *self.ints.values(), self.parquet, self.image_prefix, *self.more]
+        self.appends = tuple(c.pending.append for c in self.columns[: len(STRING_FIELDS) + len(INT_FIELDS)])
 
     def add(self, s: SourceSample) -> None:
         if len(s.more_captions or ()) != self.more_count or (self.more_count and s.more_captions is None):
             raise ValueError(f"{s.key}: caption slots 2..K {s.more_captions}, expected {self.more_count} of them")
-        strings, ints = self.strings, self.ints
-        strings["key"].pending.append(s.key)
-        image, rest = s.image, s.path or ""
-        prefix = self.prefix_ids.get(image[: len(image) - len(rest)], -1) if image.endswith(rest) else -1
-        if prefix < 0 and image.endswith(rest) and len(self.prefix_ids) < MAX_PREFIXES:
-            prefix = self.prefix_ids[image[: len(image) - len(rest)]] = len(self.prefix_ids)
+        key, image, raw_text, caption, path, tar_offset, size, mtime_ns, row_group, row, input_row = self.appends
+        key(s.key)
+        raw_text(s.raw_text)
+        caption(s.caption)
+        path(s.path)
+        tar_offset(s.tar_offset)
+        size(s.size)
+        mtime_ns(s.mtime_ns)
+        row_group(s.row_group)
+        row(s.row)
+        input_row(s.input_row)
+        parquet = -1 if s.parquet is None else self.parquet_ids.setdefault(s.parquet, len(self.parquet_ids))
+        self.parquet.pending.append(parquet)
+        # the image's folder once (SampleIndex.image_prefix), when the image is that folder + the path as written
+        rest = s.path or ""
+        prefix = -1
+        if s.image.endswith(rest):
+            folder = s.image[: len(s.image) - len(rest)]
+            prefix = self.prefix_ids.get(folder, -1)
+            if prefix < 0 and len(self.prefix_ids) < MAX_PREFIXES:
+                prefix = self.prefix_ids[folder] = len(self.prefix_ids)
         self.image_prefix.pending.append(prefix)
-        strings["image"].pending.append("" if prefix >= 0 else image)
-        strings["raw_text"].pending.append(s.raw_text)
-        strings["caption"].pending.append(s.caption)
-        strings["path"].pending.append(s.path)
-        ints["tar_offset"].pending.append(s.tar_offset)
-        ints["size"].pending.append(s.size)
-        ints["mtime_ns"].pending.append(s.mtime_ns)
-        ints["row_group"].pending.append(s.row_group)
-        ints["row"].pending.append(s.row)
-        ints["input_row"].pending.append(s.input_row)
-        if s.parquet is None:
-            self.parquet.pending.append(-1)
-        else:
-            self.parquet.pending.append(self.parquet_ids.setdefault(s.parquet, len(self.parquet_ids)))
+        image("" if prefix >= 0 else s.image)
         if self.more_count:
             for column, value in zip(self.more, s.more_captions, strict=True):
                 column.pending.append(value)
         self.n += 1
         if self.n % CHUNK == 0:
-            for column in (*strings.values(), *ints.values(), self.parquet, self.image_prefix, *self.more):
+            for column in self.columns:
                 column.flush()
 
     def finish(self) -> SampleIndex:
@@ -763,5 +789,11 @@ class CaptionTable:
         """The caption of each sample (key, image path): by key, else by path (when the key gives none
         or an empty one), else None."""
         by_key = self.by_key.get(keys)
+        if not self.has_paths:
+            return by_key
         by_path = self.by_path.get([p if p else None for p in paths])
         return [k or p for k, p in zip(by_key, by_path, strict=True)]
+
+    @property
+    def has_paths(self) -> bool:
+        return len(self.by_path.names) > 0
