@@ -687,7 +687,7 @@ class IndexBuilder:
         self.appends = tuple(c.pending.append for c in self.columns[: len(STRING_FIELDS) + len(INT_FIELDS)])
 
     def add(self, s: SourceSample) -> None:
-        if len(s.more_captions or ()) != self.more_count or (self.more_count and s.more_captions is None):
+        if (s.more_captions is not None or self.more_count) and len(s.more_captions or ()) != self.more_count:
             raise ValueError(f"{s.key}: caption slots 2..K {s.more_captions}, expected {self.more_count} of them")
         key, image, raw_text, caption, path, tar_offset, size, mtime_ns, row_group, row, input_row = self.appends
         key(s.key)
