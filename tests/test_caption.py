@@ -233,6 +233,7 @@ def _rank_worker(rank, port, model, manifest, img, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_same_sidecar_as_one(clean, photos, tiny_blip, tmp_path):
     out = tmp_path / "caps.jsonl"
     run_ranks(_rank_worker, (str(tiny_blip), str(photos[0]), str(photos[1]), str(out)), nprocs=2, timeout=180)

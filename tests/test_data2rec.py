@@ -146,6 +146,7 @@ def test_official_release_texts_give_the_release_tokens(tmp_path):
         assert raw.tolist() == s["raw_tokens"] and cap.tolist() == s["caption_tokens"], s["image"]
 
 
+@pytest.mark.slow
 def test_global_shuffle_is_seeded_and_output_is_deterministic(planted, tmp_path):
     manifest, img, _, _ = planted
     digests = []
@@ -161,6 +162,7 @@ def test_global_shuffle_is_seeded_and_output_is_deterministic(planted, tmp_path)
     assert keys_in_order != sorted(keys_in_order, key=int)  # shuffled across the whole dataset
 
 
+@pytest.mark.slow
 def test_kill_midway_and_rerun_gives_the_clean_result(tmp_path):
     img = tmp_path / "img"
     img.mkdir()

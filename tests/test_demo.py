@@ -16,6 +16,7 @@ def quick_demo(tmp_path_factory):
     return out, record
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_every_artefact(quick_demo):
     out, record = quick_demo
     report = out / "report"

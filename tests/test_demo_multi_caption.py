@@ -96,6 +96,7 @@ def _benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_quick_benchmark_seed_reports_metrics_and_the_hallucination_auc(tmp_path):
     bench = _benchmark()
     record = bench.run_seed(0, tmp_path / "seed0", ["generic", "all"], quick=True)

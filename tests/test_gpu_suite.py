@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
     out = tmp_path / "suite.jsonl"
     res = subprocess.run(

@@ -82,6 +82,7 @@ def _launch(data, run_dir, *extra):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_latest_is_bitwise_identical(data, reference, tmp_path):
     run_dir = tmp_path / "killed"
     proc = _launch(data, run_dir)

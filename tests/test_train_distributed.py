@@ -148,6 +148,7 @@ def _worker_pid(marker, rank):
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker to kill through /proc")
 def test_torchrun_restart_after_a_killed_rank_resumes_by_itself(two_ranks, tmp_path):
     data, reference, results = two_ranks
