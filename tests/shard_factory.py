@@ -99,3 +99,24 @@ def read_packed(meta_path: str | Path, by: str) -> dict[str, tuple]:
                 assert k == key == entry["key"]
                 out[entry[by]] = (key, raw, cap, jpeg, entry)
     return out
+
+
+def take_batches(loader, n: int) -> list[dict]:
+    """The next `n` batches of a loader, over epoch ends; a loop left early continues where it stopped
+    (what a resumed loader is compared on)."""
+    out: list[dict] = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+def assert_same_batches(expected: list[dict], got: list[dict]) -> None:
+    """Two runs of a loader gave bitwise the same images, texts and captions, batch by batch."""
+    import torch  # the factory itself needs no torch
+
+    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+        for k in ("image", "text", "caption"):
+            assert torch.equal(a[k], b[k]), f"batch {i} differs in {k}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shard_factory import OFFICIAL, OFFICIAL_REC, jpeg_bytes, photo
+from shard_factory import OFFICIAL, OFFICIAL_REC, assert_same_batches, jpeg_bytes, photo, take_batches
 from torchvision.transforms import functional as F
 
 from alip.data import schema
@@ -135,16 +135,7 @@ def test_restored_loader_yields_identical_batches(shards, consumed, tmp_path):
     assert cfg.shuffle
     original = DaliLoader(shards.meta, cfg, train=True)
     assert len(original) == 6
-
-    def take(loader, n):
-        out = []
-        while len(out) < n:
-            for batch in loader:
-                out.append(batch)
-                if len(out) == n:
-                    break
-        return out
-
+    take = take_batches
     take(original, consumed)
     state = original.state_dict()
     torch.save({"loader": state}, tmp_path / "ckpt.pt")
@@ -153,10 +144,7 @@ def test_restored_loader_yields_identical_batches(shards, consumed, tmp_path):
     resumed = DaliLoader(shards.meta, cfg, train=True)
     resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"])
     assert (resumed.epoch, resumed.step) == (state["epoch"], state["step"])
-    got = take(resumed, 20)
-    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
-        for k in ("image", "text", "caption"):
-            assert torch.equal(a[k], b[k]), f"batch {i} differs in {k}"
+    assert_same_batches(expected, take(resumed, 20))
     # Shuffling and augmentation were on: the order is not the file order, and a record seen in
     # two epochs comes back cropped or flipped differently.
     keys = [row[1].item() - 1000 for b in expected for row in b["text"]]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shard_factory import write_test_shards
+from shard_factory import assert_same_batches, take_batches, write_test_shards
 from torchvision import transforms as T
 
 from alip.config import RunShape, load_config
@@ -124,18 +124,19 @@ def test_pad_repeats_the_last_sample_as_the_release(odd, kind, train):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("consumed", [1, 2])  # mid-epoch; the end of epoch 0, the dropped tail unread
 def test_resume_is_exact_where_drop_reads_the_tail(odd, kind, consumed, tmp_path):
-    cls = loader_class(kind)
-    cfg = config()
-    original = cls(odd.meta, cfg, train=True, rank=1, world_size=WORLD, device="cpu")
-    take(original, consumed)
+    assert_resumes_exactly(loader_class(kind), odd.meta, config(), 1, consumed, 5, tmp_path)
+
+
+def assert_resumes_exactly(cls, meta, cfg, rank, consumed, then, tmp_path):
+    """A loader stopped after `consumed` batches and restored from its saved state gives the next
+    `then` batches bitwise as the uninterrupted one."""
+    original = cls(meta, cfg, train=True, rank=rank, world_size=WORLD, device="cpu")
+    take_batches(original, consumed)
     torch.save(original.state_dict(), tmp_path / "state.pt")
-    expected = take(original, 5)
-    resumed = cls(odd.meta, cfg, train=True, rank=1, world_size=WORLD, device="cpu")
+    expected = take_batches(original, then)
+    resumed = cls(meta, cfg, train=True, rank=rank, world_size=WORLD, device="cpu")
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    got = take(resumed, 5)
-    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
-        for k in ("image", "text", "caption"):
-            assert torch.equal(a[k], b[k]), f"batch {i} differs in {k}"
+    assert_same_batches(expected, take_batches(resumed, then))
 
 
 @pytest.fixture(scope="module")
@@ -144,15 +145,7 @@ def small(tmp_path_factory):
     return write_test_shards(tmp_path_factory.mktemp("s17"), num_records=17, per_shard=10)
 
 
-def take(loader, n):
-    """The next `n` batches, over epoch ends; a loop left early continues where it stopped."""
-    out = []
-    while len(out) < n:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
+take = take_batches
 
 
 def assert_fill_epoch(by_step, num_records, epoch, kind):
@@ -191,17 +184,8 @@ def test_fill_completes_the_last_batch_with_the_ranks_first_records(odd, small, 
 
 @pytest.mark.parametrize("consumed", [1, 2, 4])  # mid-epoch; just before the last batch (which fills); epoch 1
 def test_fill_resumes_exactly_on_the_torch_loader(odd, consumed, tmp_path):
-    cfg = config(last_batch="fill")
-    original = TorchLoader(odd.meta, cfg, train=True, rank=0, world_size=WORLD, device="cpu")  # part 0: 11, 1 fill
-    take(original, consumed)
-    torch.save(original.state_dict(), tmp_path / "state.pt")
-    expected = take(original, 6)
-    resumed = TorchLoader(odd.meta, cfg, train=True, rank=0, world_size=WORLD, device="cpu")
-    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    got = take(resumed, 6)
-    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
-        for k in ("image", "text", "caption"):
-            assert torch.equal(a[k], b[k]), f"batch {i} differs in {k}"
+    # rank 0 reads part 0 in epoch 0: 11 records, 1 fill row
+    assert_resumes_exactly(TorchLoader, odd.meta, config(last_batch="fill"), 0, consumed, 6, tmp_path)
 
 
 @pytest.mark.parametrize("consumed", [1, 2])  # 1: rows kept from batch 1; 2: the last batch first (fallback)
