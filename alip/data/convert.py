@@ -124,7 +124,7 @@ class ConvertOptions:
         return (schema.RAW_NAME, self.caption_name, *(c.name for c in self.more_captions))
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `rows` is an array
 class ShardTask:
     """One shard of the plan: its samples are the index's rows `rows`, with record keys first_key,
     first_key + 1, ... Its SourceSamples are built when asked for (`items`), and travel to a worker
