@@ -11,6 +11,11 @@ The steps:
    rank's device; append each batch to this rank's part file (flushed and fsynced).
 4. After a barrier, rank 0 merges: every input sample exactly once, in input order, failures
    included with their reason; then the part files are deleted.
+
+At 15M samples nothing holds an object per sample: the index is data2rec's columnar SampleIndex,
+the earlier entries are read into columns (keys only at the start), the work is an int64 array of
+sample positions, a SourceSample is built when a DataLoader worker asks for its image, and the
+merge streams the sidecar in input order (see alip.caption.sidecar.merge).
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
@@ -30,6 +37,7 @@ from alip.caption.captioner import Captioner
 from alip.caption.sidecar import (
     FORMAT,
     CaptionEntry,
+    ExistingEntries,
     MergeReport,
     PartWriter,
     SidecarError,
@@ -41,7 +49,7 @@ from alip.caption.sidecar import (
 )
 from alip.data.convert import ConvertOptions, index_inputs
 from alip.data.images import BadImage, decode_image
-from alip.data.sources import Columns, InputError, Skip, SourceSample, read_image_bytes
+from alip.data.sources import CHUNK, Columns, InputError, SampleIndex, Skip, read_image_bytes
 from alip.distributed import get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
@@ -82,7 +90,7 @@ class CaptionReport:
         return (self.captioned + self.failed) / max(self.caption_seconds, 1e-9)
 
 
-def index_for_captioning(inputs: list[Path], opts: CaptionOptions) -> tuple[list[SourceSample], list[Skip]]:
+def index_for_captioning(inputs: list[Path], opts: CaptionOptions) -> tuple[SampleIndex, list[Skip]]:
     """data2rec's samples of `inputs`: same keys, same paths, same row numbering, same duplicate check."""
     # Captioning reads only images, so the image column doubles as the required text column: a
     # manifest needs no text column here, and the row numbering (the default keys) is unchanged.
@@ -91,7 +99,7 @@ def index_for_captioning(inputs: list[Path], opts: CaptionOptions) -> tuple[list
         out_dir=opts.output.parent, image_root=opts.image_root, columns=columns, require_caption=False, workers=1
     )
     samples, skips = index_inputs(inputs, convert_opts)
-    if not samples:
+    if not len(samples):
         raise InputError(f"none of the {len(skips)} input rows names an image")
     for skip in skips[:5]:
         logger.warning("not captioned: %s: %s", skip.source, skip.reason)
@@ -100,20 +108,97 @@ def index_for_captioning(inputs: list[Path], opts: CaptionOptions) -> tuple[list
     return samples, skips
 
 
-class _ImageDataset(Dataset):
-    """Decodes and preprocesses one image per item; runs in DataLoader workers."""
+class SampleKeys:
+    """The keys of a SampleIndex's samples in sample order, read CHUNK at a time: what the merge
+    checks and writes in order, without a list of 15M keys."""
 
-    def __init__(self, samples: list[SourceSample], image_processor, max_pixels: int) -> None:
+    def __init__(self, samples: SampleIndex) -> None:
         self.samples = samples
-        self.image_processor = image_processor
-        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def chunks(self) -> Iterator[list[str]]:
+        """The keys, CHUNK at a time."""
+        samples, keys = self.samples, self.samples.strings["key"]
+        for first in range(0, len(samples), CHUNK):
+            yield keys.take(samples.physical(np.arange(first, min(first + CHUNK, len(samples)))))
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self.chunks():
+            yield from chunk
+
+
+def select_todo(samples: SampleIndex, existing: ExistingEntries, sidecar: Path) -> np.ndarray:
+    """The positions (int64, in sample order) of the samples without an entry in `existing`.
+
+    Raises SidecarError when an entry is for a key that is not a sample of these inputs."""
+    matched = np.zeros(len(existing), bool)
+    todo = []
+    first = 0
+    for keys in SampleKeys(samples).chunks():
+        found = existing.find(keys)
+        matched[found[found >= 0]] = True
+        todo.append(first + np.flatnonzero(found < 0))
+        first += len(keys)
+    stray = np.flatnonzero(~matched)
+    if len(stray):
+        raise SidecarError(
+            f"{sidecar}: {len(stray)} existing entries are for samples not in these inputs "
+            f"(e.g. {existing.keys.take(stray[:5])}); caption other inputs into another sidecar, or pass --overwrite"
+        )
+    return np.concatenate(todo) if todo else np.zeros(0, np.int64)
+
+
+@dataclass
+class Work:
+    """What a rank learns at the start: the samples, the rows not indexed, its share of the work."""
+
+    samples: SampleIndex
+    skips: list[Skip]
+    mine: np.ndarray  # int64 positions of this rank's samples without an entry: every W-th of the work
+    already: int  # entries from earlier runs
+    todo: int  # samples without an entry (all ranks)
+
+
+def start_work(inputs: list[Path], opts: CaptionOptions, settings: dict, rank: int, world: int) -> Work:
+    """Index the inputs, read what earlier runs left (refusing other settings and other inputs) and
+    take this rank's share of the samples without an entry. Call it on every rank (it has barriers)."""
+    sidecar = opts.output
+    samples, skips = index_for_captioning(inputs, opts)
+    if opts.overwrite and rank == 0:
+        for p in [sidecar, *part_paths(sidecar)]:
+            p.unlink(missing_ok=True)
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    _barrier()  # nobody reads before rank 0 has cleared an overwritten run
+
+    metas, existing = load_existing(sidecar, values=False)  # the keys: the start needs no captions
+    check_settings(metas, settings)
+    todo = select_todo(samples, existing, sidecar)
+    work = Work(samples, skips, todo[rank::world].copy(), len(existing), len(todo))
+    del existing, todo
+    if work.already and rank == 0:
+        logger.info("resuming: %d of %d samples already have an entry; %d to go", work.already, len(samples), work.todo)
+    _barrier()  # every rank has read the same state before any rank appends to it
+    return work
+
+
+class _ImageDataset(Dataset):
+    """Decodes and preprocesses one image per item; runs in DataLoader workers. Each item's
+    SourceSample is built from the index when it is asked for."""
+
+    def __init__(self, samples: SampleIndex, positions: np.ndarray, image_processor, max_pixels: int) -> None:
+        self.samples = samples
+        self.positions = positions  # [M] int64 sample positions
+        self.image_processor = image_processor
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            image = decode_image(read_image_bytes(self.samples[i]), self.max_pixels)
+            image = decode_image(read_image_bytes(self.samples[int(self.positions[i])]), self.max_pixels)
         except BadImage as e:
             return i, None, str(e)
         except OSError as e:  # e.g. a tar that vanished or a read error on a network disk
@@ -160,36 +245,17 @@ def caption_inputs(inputs: list[Path], captioner: Captioner, opts: CaptionOption
     """
     rank, world = get_rank(), get_world_size()
     sidecar = opts.output
-    samples, skips = index_for_captioning(inputs, opts)
-    if opts.overwrite and rank == 0:
-        for p in [sidecar, *part_paths(sidecar)]:
-            p.unlink(missing_ok=True)
-    sidecar.parent.mkdir(parents=True, exist_ok=True)
-    _barrier()  # nobody reads before rank 0 has cleared an overwritten run
-
     settings = captioner.describe()
-    metas, done = load_existing(sidecar)
-    check_settings(metas, settings)
-    wanted = {s.key for s in samples}
-    stray = [k for k in done if k not in wanted]
-    if stray:
-        raise SidecarError(
-            f"{sidecar}: {len(stray)} existing entries are for samples not in these inputs (e.g. {stray[:5]}); "
-            "caption other inputs into another sidecar, or pass --overwrite"
-        )
-    todo = [s for s in samples if s.key not in done]
-    mine = todo[rank::world]
-    already = len(done)
-    del done  # hundreds of bytes per entry on every rank: do not hold 15M of them while captioning
-    if already and rank == 0:
-        logger.info("resuming: %d of %d samples already have an entry; %d to go", already, len(samples), len(todo))
-    _barrier()  # every rank has read the same state before any rank appends to it
+    work = start_work(inputs, opts, settings, rank, world)
+    samples, mine = work.samples, work.mine
 
     start = time.perf_counter()
     captioned = failed = 0
-    if mine:
+    if len(mine):
         header = {"format": FORMAT, "part": rank, "captioner": settings}
-        captioned, failed = _caption_slice(mine, captioner, opts, part_path(sidecar, rank), header, rank, world)
+        captioned, failed = _caption_slice(
+            samples, mine, captioner, opts, part_path(sidecar, rank), header, rank, world
+        )
     seconds = time.perf_counter() - start
     logger.info(
         "rank %d/%d: %d captioned, %d failed in %.1f s (%.1f images/s)",
@@ -203,12 +269,13 @@ def caption_inputs(inputs: list[Path], captioner: Captioner, opts: CaptionOption
     _barrier()  # all parts complete before the merge reads them
     merged = None
     if rank == 0:
-        merged = merge(sidecar, [(s.key, s.path) for s in samples], _final_meta(inputs, settings, skips))
-    return CaptionReport(len(samples), already, captioned, failed, seconds, merged)
+        merged = merge(sidecar, SampleKeys(samples), _final_meta(inputs, settings, work.skips))
+    return CaptionReport(len(samples), work.already, captioned, failed, seconds, merged)
 
 
 def _caption_slice(
-    mine: list[SourceSample],
+    samples: SampleIndex,
+    mine: np.ndarray,
     captioner: Captioner,
     opts: CaptionOptions,
     part: Path,
@@ -219,7 +286,7 @@ def _caption_slice(
     from tqdm import tqdm
 
     loader = DataLoader(
-        _ImageDataset(mine, captioner.image_processor, opts.max_pixels),
+        _ImageDataset(samples, mine, captioner.image_processor, opts.max_pixels),
         batch_size=opts.batch_size,
         num_workers=opts.workers,
         collate_fn=_collate,
@@ -231,12 +298,14 @@ def _caption_slice(
         for batch in loader:
             entries: dict[int, CaptionEntry] = {}
             texts = captioner.caption(batch["pixels"]) if batch["ok"] else []
+            rows = samples.physical(mine[np.asarray(batch["order"], np.int64)])
+            keys, paths = samples.strings["key"].take(rows), samples.strings["path"].take(rows)
+            where = {i: (key, path) for i, key, path in zip(batch["order"], keys, paths, strict=True)}
             for i, text in zip(batch["ok"], texts, strict=True):
-                s = mine[i]
                 reason = None if text else "empty caption: the model generated no text"
-                entries[i] = CaptionEntry(s.key, text or None, s.path, reason)
+                entries[i] = CaptionEntry(where[i][0], text or None, where[i][1], reason)
             for i, reason in batch["failed"].items():
-                entries[i] = CaptionEntry(mine[i].key, None, mine[i].path, reason)
+                entries[i] = CaptionEntry(where[i][0], None, where[i][1], reason)
             writer.write([entries[i] for i in batch["order"]])
             n_failed = sum(e.caption is None for e in entries.values())
             captioned += len(entries) - n_failed
@@ -249,11 +318,11 @@ def _caption_slice(
 def merge_parts(inputs: list[Path], opts: CaptionOptions) -> MergeReport:
     """Merge the part files of a finished run without loading a model (e.g. rank 0 died before its merge)."""
     samples, skips = index_for_captioning(inputs, opts)
-    metas, _ = load_existing(opts.output)
+    metas, _ = load_existing(opts.output, values=False)
     if not metas:
         raise SidecarError(f"nothing to merge: neither {opts.output} nor its part files exist")
     first = metas[0]["meta"] or {}
     if "captioner" not in first:
         raise SidecarError(f"{metas[0]['file']} has no captioner header; it was not written by tools/caption.py")
     check_settings(metas, first["captioner"])
-    return merge(opts.output, [(s.key, s.path) for s in samples], _final_meta(inputs, first["captioner"], skips))
+    return merge(opts.output, SampleKeys(samples), _final_meta(inputs, first["captioner"], skips))

@@ -20,15 +20,18 @@ This module does file I/O only: no torch, no model.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from alip.data.sources import CAPTION_META_KEY, InputError
+import numpy as np
+
+from alip.data.sources import CAPTION_META_KEY, CHUNK, InputError, StringColumn, StringColumnBuilder
 from alip.files import json_lines
 
 logger = logging.getLogger(__name__)
@@ -99,38 +102,58 @@ def repair_torn_tail(path: Path) -> int:
     return len(data) - keep
 
 
-def _read_jsonl(path: Path) -> tuple[dict | None, list[CaptionEntry]]:
-    """Header meta and entries of a JSONL sidecar or part. A last line without newline is torn: ignored."""
-    meta, entries = None, []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.endswith("\n"):
-                break  # torn by a crash mid-write; repair_torn_tail removes it before appending
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SidecarError(f"{path}:{lineno}: not valid JSON ({e}); only the last line may be torn") from None
-            if set(row) == {"meta"}:
-                meta = row["meta"]
-            else:
-                entries.append(CaptionEntry.from_json(row, f"{path}:{lineno}"))
-    return meta, entries
+class SidecarReader:
+    """The entries of a sidecar or part file (JSONL or parquet), read as a stream: iterate it for the
+    entries; `meta` is the header (None if the file has none), complete once the iteration ends.
+    In JSONL a last line without newline is torn by a crash: ignored (repair_torn_tail cuts it off
+    before a part is appended to again)."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise SidecarError(f"caption sidecar not found: {path}")
+        self.path = path
+        self.meta: dict | None = None
+
+    def __iter__(self) -> Iterator[CaptionEntry]:
+        return self._parquet() if self.path.suffix == ".parquet" else self._jsonl()
+
+    def _jsonl(self) -> Iterator[CaptionEntry]:
+        path = self.path
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.endswith("\n"):
+                    break  # torn by a crash mid-write
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SidecarError(
+                        f"{path}:{lineno}: not valid JSON ({e}); only the last line may be torn"
+                    ) from None
+                if set(row) == {"meta"}:
+                    self.meta = row["meta"]
+                else:
+                    yield CaptionEntry.from_json(row, f"{path}:{lineno}")
+
+    def _parquet(self) -> Iterator[CaptionEntry]:
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(self.path)
+        raw_meta = (f.schema_arrow.metadata or {}).get(_PARQUET_META_KEY)
+        self.meta = json.loads(raw_meta) if raw_meta else None
+        where = str(self.path)
+        for batch in f.iter_batches(batch_size=CHUNK):
+            for row in batch.to_pylist():
+                yield CaptionEntry.from_json(row, where)
 
 
 def read_sidecar(path: Path) -> tuple[dict | None, list[CaptionEntry]]:
-    """Header meta (None if the file has none) and entries of a sidecar or part file, JSONL or parquet."""
-    if not path.is_file():
-        raise SidecarError(f"caption sidecar not found: {path}")
-    if path.suffix != ".parquet":
-        return _read_jsonl(path)
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    raw_meta = (table.schema.metadata or {}).get(_PARQUET_META_KEY)
-    meta = json.loads(raw_meta) if raw_meta else None
-    return meta, [CaptionEntry.from_json(row, str(path)) for row in table.to_pylist()]
+    """Header meta (None if the file has none) and entries of a sidecar or part file, JSONL or parquet.
+    All entries at once: for a small file (a test, a look); the tool itself reads with SidecarReader."""
+    reader = SidecarReader(path)
+    entries = list(reader)
+    return reader.meta, entries
 
 
 def count_entries(path: Path) -> int:
@@ -143,19 +166,38 @@ def count_entries(path: Path) -> int:
     return sum(set(row) != {"meta"} for _, row in json_lines(path, SidecarError))
 
 
+PARQUET_ROW_GROUP = 1024 * 1024  # rows per row group: pyarrow's default, as pq.write_table cuts a table
+
+
 def write_sidecar(path: Path, meta: dict, entries: Iterable[CaptionEntry]) -> None:
-    """Write the final sidecar atomically (temporary file, fsync, rename): JSONL, or parquet by suffix."""
+    """Write the final sidecar atomically (temporary file, fsync, rename): JSONL, or parquet by suffix.
+
+    `entries` is read as a stream: JSONL a line at a time, parquet a row group at a time (the bytes
+    pq.write_table writes for the whole table)."""
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [{"key": e.key, "path": e.path, "caption": e.caption, "reason": e.reason} for e in entries]
+        names = ("key", "path", "caption", "reason")
         schema = pa.schema(
-            [(name, pa.string()) for name in ("key", "path", "caption", "reason")],
+            [(name, pa.string()) for name in names],
             metadata={_PARQUET_META_KEY: json.dumps(meta, ensure_ascii=False).encode()},
         )
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+        entries = iter(entries)
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for group in itertools.count():
+                batches = []  # one row group, in Arrow batches of CHUNK entries
+                while len(batches) < PARQUET_ROW_GROUP // CHUNK and (chunk := list(itertools.islice(entries, CHUNK))):
+                    columns = [[e.key for e in chunk], [e.path for e in chunk], [e.caption for e in chunk]]
+                    columns.append([e.reason for e in chunk])
+                    batches.append(pa.record_batch([pa.array(c, pa.string()) for c in columns], schema=schema))
+                rows = sum(len(b) for b in batches)
+                if rows or not group:  # no entries at all: one empty table, as pq.write_table writes it
+                    # a single chunk per column, as pa.Table.from_pylist makes it
+                    writer.write_table(pa.Table.from_batches(batches, schema).combine_chunks())
+                if rows < PARQUET_ROW_GROUP:
+                    break
     else:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps({"meta": meta}, ensure_ascii=False) + "\n")
@@ -198,21 +240,101 @@ class PartWriter:
         self.close()
 
 
-def load_existing(sidecar: Path) -> tuple[list[dict], dict[str, CaptionEntry]]:
-    """Headers and entries already on disk for `sidecar`: the final file (if any) and all part files.
+_hash = hash  # a name, so that a test can force collisions
+
+
+class ExistingEntries:
+    """The entries already on disk for a sidecar (the final file, then every part file, in file
+    order), in columns: `keys`, and with values also `paths`, `captions`, `reasons` (StringColumns,
+    a few bytes over the strings' own per entry instead of a CaptionEntry of Python strings, about
+    400 bytes). Keys are looked up by their 64-bit hashes sorted in NumPy (16 bytes an entry);
+    hashes that collide are compared by string."""
+
+    def __init__(self, keys: StringColumn, paths=None, captions=None, reasons=None) -> None:
+        self.keys, self.paths, self.captions, self.reasons = keys, paths, captions, reasons
+        hashes = np.fromiter((_hash(k) for k in keys), np.int64, count=len(keys))
+        self.order = np.argsort(hashes, kind="stable")  # equal hashes keep file order
+        self.sorted = hashes[self.order]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def duplicate(self) -> str | None:
+        """The key that occurs twice whose second entry comes first in file order, or None."""
+        same = np.flatnonzero(self.sorted[1:] == self.sorted[:-1])
+        if not len(same):
+            return None
+        candidates = np.unique(np.concatenate([self.order[same], self.order[same + 1]]))
+        first_seen, second = {}, []
+        for position, key in zip(candidates.tolist(), self.keys.take(candidates), strict=True):
+            if key in first_seen:
+                second.append((position, key))
+            else:
+                first_seen[key] = position
+        return min(second)[1] if second else None
+
+    def find(self, queries: list[str]) -> np.ndarray:
+        """The position of each query's entry (int64), -1 where it has none."""
+        out = np.full(len(queries), -1, np.int64)
+        if not len(queries) or not len(self.order):
+            return out
+        h = np.fromiter((_hash(q) for q in queries), np.int64, count=len(queries))
+        lo, hi = np.searchsorted(self.sorted, h, "left"), np.searchsorted(self.sorted, h, "right")
+        hit = np.flatnonzero(hi > lo)
+        first = self.order[lo[hit]]
+        for j, p, key in zip(hit.tolist(), first.tolist(), self.keys.take(first), strict=True):
+            if key == queries[j]:
+                out[j] = p
+            else:  # a hash collision: look through the other keys with this hash
+                same = self.order[lo[j] + 1 : hi[j]].tolist()
+                out[j] = next((q for q in same if self.keys[q] == queries[j]), -1)
+        return out
+
+    def entries(self, positions: np.ndarray) -> list[CaptionEntry]:
+        """The entries at `positions` (read with values)."""
+        columns = (self.keys, self.paths, self.captions, self.reasons)
+        return [
+            CaptionEntry(k, c, p, r) for k, p, c, r in zip(*(column.take(positions) for column in columns), strict=True)
+        ]
+
+    def failures(self) -> Counter:
+        """Failed entries by reason kind (the text before the first ':'; "unknown" without a reason)."""
+        failed = np.flatnonzero(~self.captions.valid) if self.captions.valid is not None else np.zeros(0, np.int64)
+        kinds: Counter = Counter()
+        for first in range(0, len(failed), CHUNK):
+            reasons = self.reasons.take(failed[first : first + CHUNK])
+            kinds.update(r.split(":", 1)[0] if r else "unknown" for r in reasons)
+        return kinds
+
+
+def load_existing(sidecar: Path, values: bool = True) -> tuple[list[dict], ExistingEntries]:
+    """Headers and entries already on disk for `sidecar`: the final file (if any) and all part files,
+    read as streams into columns (`values=False`: the keys only, all the start-up needs).
 
     Raises SidecarError on a key that occurs twice (two runs wrote the same sample).
     """
-    metas, done = [], {}
+    metas = []
+    columns = [StringColumnBuilder() for _ in range(4 if values else 1)]
     sources = ([sidecar] if sidecar.exists() else []) + part_paths(sidecar)
+    n = 0
     for path in sources:
-        meta, entries = read_sidecar(path)
-        metas.append({"file": str(path), "meta": meta})
-        for e in entries:
-            if e.key in done:
-                raise SidecarError(f"sample key {e.key!r} occurs twice in {sources}; remove the stray file(s)")
-            done[e.key] = e
-    return metas, done
+        reader = SidecarReader(path)
+        for e in reader:
+            columns[0].pending.append(e.key)
+            if values:
+                columns[1].pending.append(e.path)
+                columns[2].pending.append(e.caption)
+                columns[3].pending.append(e.reason)
+            n += 1
+            if n % CHUNK == 0:
+                for c in columns:
+                    c.flush()
+        metas.append({"file": str(path), "meta": reader.meta})
+    existing = ExistingEntries(*(c.finish() for c in columns))
+    twice = existing.duplicate()
+    if twice is not None:
+        raise SidecarError(f"sample key {twice!r} occurs twice in {sources}; remove the stray file(s)")
+    return metas, existing
 
 
 def check_settings(metas: list[dict], captioner: dict) -> None:
@@ -226,44 +348,65 @@ def check_settings(metas: list[dict], captioner: dict) -> None:
             )
 
 
-def merge(sidecar: Path, expected: Sequence[tuple[str, str | None]], meta: dict) -> MergeReport:
+def _key_chunks(expected: Iterable) -> Iterator[list[str]]:
+    """Lists of up to CHUNK keys of `expected` (keys, or (key, path) pairs), in order."""
+    if hasattr(expected, "chunks"):  # run.SampleKeys: read from the index's key column a chunk at a time
+        yield from expected.chunks()
+        return
+    items = iter(expected)
+    while chunk := list(itertools.islice(items, CHUNK)):
+        yield [k if isinstance(k, str) else k[0] for k in chunk]
+
+
+def merge(sidecar: Path, expected: Iterable, meta: dict) -> MergeReport:
     """Check the final file + parts against the inputs and write the final sidecar in input order.
 
-    `expected` lists (key, path) of every input sample in input order. Every sample must have
-    exactly one entry (captioned or failed) and there must be no entry for another key; then the
-    parts are deleted. On a gap nothing is written: rerun the captioning to fill it.
+    `expected` holds the key of every input sample in input order: keys (a StringColumn, a
+    SampleKeys), or (key, path) pairs; it is iterated twice, CHUNK keys at a time. Every sample
+    must have exactly one entry (captioned or failed) and there must be no entry for another key;
+    then the parts are deleted. On a gap nothing is written: rerun the captioning to fill it.
+    The entries are held in columns (ExistingEntries); the sidecar is written as a stream.
     """
-    _, done = load_existing(sidecar)
-    keys = [k for k, _ in expected]
-    wanted = set(keys)
-    if len(wanted) != len(keys):
-        raise SidecarError("the inputs have duplicate sample keys")
-    stray = [k for k in done if k not in wanted]
-    if stray:
+    _, existing = load_existing(sidecar)
+    matched = np.zeros(len(existing), bool)
+    n = num_missing = 0
+    missing: list[str] = []  # the first few, for the message
+    for keys in _key_chunks(expected):
+        found = existing.find(keys)
+        n += len(keys)
+        hit = found[found >= 0]
+        if matched[hit].any() or len(np.unique(hit)) != len(hit):
+            raise SidecarError("the inputs have duplicate sample keys")
+        matched[hit] = True
+        gaps = np.flatnonzero(found < 0)
+        num_missing += len(gaps)
+        missing += [keys[j] for j in gaps[: 5 - len(missing)].tolist()]
+    stray = np.flatnonzero(~matched)
+    if len(stray):
         raise SidecarError(
-            f"{len(stray)} entries are for samples not in the inputs (e.g. {stray[:5]}): "
+            f"{len(stray)} entries are for samples not in the inputs (e.g. {existing.keys.take(stray[:5])}): "
             "the inputs changed since these captions were made; pass --overwrite to start over"
         )
-    missing = [k for k in keys if k not in done]
-    if missing:
+    if num_missing:
         raise SidecarError(
-            f"{len(missing)} of {len(keys)} samples have no caption entry yet (e.g. {missing[:5]}); "
+            f"{num_missing} of {n} samples have no caption entry yet (e.g. {missing}); "
             "run the captioning again (it resumes) before merging"
         )
-    entries = [done[k] for k in keys]
-    failures = Counter(e.reason.split(":", 1)[0] if e.reason else "unknown" for e in entries if e.caption is None)
+    del matched
+    failures = existing.failures()  # every entry is one sample's: their failures are the samples'
     num_failed = sum(failures.values())
     meta = {
         **meta,
-        "num_samples": len(entries),
-        "num_captioned": len(entries) - num_failed,
+        "num_samples": n,
+        "num_captioned": n - num_failed,
         "num_failed": num_failed,
         "failures": dict(sorted(failures.items())),
     }
-    write_sidecar(sidecar, meta, entries)
+    in_order = (e for keys in _key_chunks(expected) for e in existing.entries(existing.find(keys)))
+    write_sidecar(sidecar, meta, in_order)
     written = count_entries(sidecar)  # the count check on what actually landed on disk
-    if written != len(keys):
-        raise SidecarError(f"{sidecar}: wrote {written} entries, expected {len(keys)}")
+    if written != n:
+        raise SidecarError(f"{sidecar}: wrote {written} entries, expected {n}")
     for part in part_paths(sidecar):
         part.unlink()
-    return MergeReport(sidecar, len(entries), len(entries) - num_failed, num_failed, meta["failures"])
+    return MergeReport(sidecar, n, n - num_failed, num_failed, meta["failures"])
