@@ -27,6 +27,10 @@ imports). The time is extrapolated along the log-log slope between the two large
   - score:   `alip score`'s ranking: read the texts sidecars, gate weights, rank, write the CSV
              (the model's forward pass is not included: it is per record and runs on the GPU);
   - merge:   the caption tool's merge of 8 part files into the final sidecar (alip.caption.sidecar).
+  - caption_start: the caption tool's start on a rank (alip.caption.run.start_work; no model): index the
+             manifest, read the entries of an interrupted run (4 of the 8 part files: half the samples),
+             select the samples without an entry and take rank 0 of 8's share. `held` is what the
+             process still holds after it (RSS over base): what a rank keeps while it captions.
   - filter:  `alip-filter --keep-fraction 0.7` from a scores CSV: read it, match it to the shards (and
              their texts sidecars' sample keys), copy the kept records, write the dropped report and meta.
              The records are tiny, so the copy here is cheap: on real data it moves the kept bytes.
@@ -73,6 +77,7 @@ STAGES = (
     "dali_start",
     "score",
     "merge",
+    "caption_start",
     "filter",
 )
 SHARDS = 100  # shards per dataset, whatever its size (YFCC15M at 10k records per shard has 1500)
@@ -292,6 +297,41 @@ def _merge_stage(name: str, n: int, folder: Path, mark: dict) -> None:
     shutil.rmtree(work)
 
 
+def _caption_start(inputs: list[Path], opts, settings: dict, rank: int, world: int) -> tuple[tuple, object]:
+    """The start of alip.caption.run.caption_inputs: (samples, entries already there, this rank's
+    share), and what caption_inputs keeps of it while the rank captions."""
+    from alip.caption.run import start_work
+
+    work = start_work(inputs, opts, settings, rank, world)
+    return (len(work.samples), work.already, len(work.mine)), work
+
+
+def _caption_start_stage(name: str, n: int, folder: Path, mark: dict) -> None:
+    """The caption tool's start on rank 0 of 8, with half the samples captioned by an interrupted run."""
+    import gc
+    import shutil
+
+    from alip.caption.run import CaptionOptions  # imports torch: before the clock starts
+
+    work = folder / "caption_start"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    parts = sorted(folder.glob("captions.out.jsonl.part*.jsonl"))
+    for part in parts[: len(parts) // 2]:  # rank r of 8 wrote the keys k{i} with i % 8 == r
+        shutil.copy(part, work / part.name)
+    opts = CaptionOptions(output=work / "captions.out.jsonl", key_col="key", workers=0, progress=False)
+    mark["base"] = _rss()
+    t0, c0 = time.perf_counter(), time.process_time()
+    got, kept = _caption_start([folder / "nocap.tsv"], opts, {"model": "synthetic"}, 0, 8)
+    mark["seconds"], mark["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
+    gc.collect()
+    mark["held"] = _rss() - mark["base"]  # the index and the share, kept while the rank captions
+    already = sum(1 for i in range(n) if i % 8 < 4)
+    assert got == (n, already, math.ceil((n - already) / 8)), got
+    del kept
+    shutil.rmtree(work)
+
+
 def _score(n: int, folder: Path, mark: dict) -> None:
     import torch
 
@@ -379,6 +419,7 @@ RUNNERS = (
     (("dali_start",), _dali_start_stage),
     (("score",), _score_stage),
     (("merge",), _merge_stage),
+    (("caption_start",), _caption_start_stage),
     (("filter",), _filter_stage),
 )
 
