@@ -176,9 +176,9 @@ def test_merge_counts_what_landed_without_reading_it_back(tmp_path):
 
 def test_scale_benchmark_runs_at_tiny_sizes(tmp_path):
     """benchmarks/scale.py end to end at 300 and 600 records: inputs, one child per stage and size,
-    the fit, the table on stdout and the JSON (about 6 s)."""
+    the fit, the table on stdout and the JSON (about 10 s)."""
     root = Path(__file__).resolve().parents[1]
-    stages = ["index", "plan", "plan_parquet", "merge"]
+    stages = ["index", "plan", "plan_parquet", "merge", "caption_start"]
     out = tmp_path / "scale.json"
     cmd = [sys.executable, "benchmarks/scale.py", "--work", str(tmp_path / "work"), "--sizes", "300", "600"]
     cmd += ["--stages", *stages, "--repeat", "1", "--json", str(out)]
@@ -202,6 +202,8 @@ def test_scale_benchmark_runs_at_tiny_sizes(tmp_path):
     top = lines.index(next(line for line in lines if line.startswith("| stage | 300: time / peak RSS")))
     assert [line.split(" | ")[0] for line in lines[top + 2 : top + 2 + len(stages)]] == [f"| {s}" for s in stages]
     cpu = lines.index("| stage | 300: CPU time | 600: CPU time | slope (CPU time) |")  # merge does not record it
-    assert [line.split(" | ")[0] for line in lines[cpu + 2 :]] == ["| index", "| plan", "| plan_parquet"]
-    assert all(got[s, 600]["cpu_seconds"] > 0 for s in stages[:3])
+    with_cpu = ["| index", "| plan", "| plan_parquet", "| caption_start"]
+    assert [line.split(" | ")[0] for line in lines[cpu + 2 :]] == with_cpu
+    assert all(got[s, 600]["cpu_seconds"] > 0 for s in [*stages[:3], "caption_start"])
+    assert 0 < got["caption_start", 600]["held"] < got["caption_start", 600]["peak_rss"]
     assert data["info"]["pyarrow"] and data["info"]["command"].startswith(".venv/bin/python benchmarks/scale.py")

@@ -362,18 +362,19 @@ def merge(sidecar: Path, expected: Iterable, meta: dict) -> MergeReport:
     """Check the final file + parts against the inputs and write the final sidecar in input order.
 
     `expected` holds the key of every input sample in input order: keys (a StringColumn, a
-    SampleKeys), or (key, path) pairs; it is iterated twice, CHUNK keys at a time. Every sample
+    SampleKeys), or (key, path) pairs; it is read once, CHUNK keys at a time. Every sample
     must have exactly one entry (captioned or failed) and there must be no entry for another key;
     then the parts are deleted. On a gap nothing is written: rerun the captioning to fill it.
     The entries are held in columns (ExistingEntries); the sidecar is written as a stream.
     """
     _, existing = load_existing(sidecar)
     matched = np.zeros(len(existing), bool)
-    n = num_missing = 0
+    found_all = []  # each sample's entry, in input order: int64 positions into `existing`
+    num_missing = 0
     missing: list[str] = []  # the first few, for the message
     for keys in _key_chunks(expected):
         found = existing.find(keys)
-        n += len(keys)
+        found_all.append(found)
         hit = found[found >= 0]
         if matched[hit].any() or len(np.unique(hit)) != len(hit):
             raise SidecarError("the inputs have duplicate sample keys")
@@ -381,6 +382,9 @@ def merge(sidecar: Path, expected: Iterable, meta: dict) -> MergeReport:
         gaps = np.flatnonzero(found < 0)
         num_missing += len(gaps)
         missing += [keys[j] for j in gaps[: 5 - len(missing)].tolist()]
+    where = np.concatenate(found_all) if found_all else np.zeros(0, np.int64)
+    del found_all
+    n = len(where)
     stray = np.flatnonzero(~matched)
     if len(stray):
         raise SidecarError(
@@ -402,7 +406,7 @@ def merge(sidecar: Path, expected: Iterable, meta: dict) -> MergeReport:
         "num_failed": num_failed,
         "failures": dict(sorted(failures.items())),
     }
-    in_order = (e for keys in _key_chunks(expected) for e in existing.entries(existing.find(keys)))
+    in_order = (e for first in range(0, n, CHUNK) for e in existing.entries(where[first : first + CHUNK]))
     write_sidecar(sidecar, meta, in_order)
     written = count_entries(sidecar)  # the count check on what actually landed on disk
     if written != n:
