@@ -217,3 +217,17 @@ def test_merge_streams_the_bytes_the_list_based_merge_wrote(tmp_path, monkeypatc
         assert pq.ParquetFile(out).num_row_groups == 3
     write_sidecar(out, {}, [])  # no entries: one empty table, as pq.write_table writes it
     assert read_sidecar(out) == ({}, [])
+
+
+def test_merge_reads_its_keys_once_and_refuses_duplicate_inputs(tmp_path, monkeypatch):
+    """The keys may come as a generator (read once, a chunk at a time); an input key given twice is refused,
+    within a chunk or across chunks."""
+    monkeypatch.setattr(sidecar, "CHUNK", 7)
+    out = tmp_path / "caps.jsonl"
+    with sidecar.PartWriter(part_path(out, 0), {"captioner": SETTINGS}) as w:
+        w.write([CaptionEntry(f"k{i}", f"c{i}") for i in range(20)])
+    for keys in (["k1", "k2", "k1"], [f"k{i}" for i in range(10)] + ["k3"]):
+        with pytest.raises(SidecarError, match="the inputs have duplicate sample keys"):
+            merge(out, keys, {})
+    report = merge(out, (f"k{i}" for i in reversed(range(20))), {})
+    assert report.num_samples == 20 and [e.key for e in read_sidecar(out)[1]] == [f"k{i}" for i in range(19, -1, -1)]
