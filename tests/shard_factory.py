@@ -120,3 +120,20 @@ def assert_same_batches(expected: list[dict], got: list[dict]) -> None:
     for i, (a, b) in enumerate(zip(expected, got, strict=True)):
         for k in ("image", "text", "caption"):
             assert torch.equal(a[k], b[k]), f"batch {i} differs in {k}"
+
+
+def memory_per_row(fn, n: int) -> tuple[float, float]:
+    """(bytes held after, peak bytes during) `fn()` per row, as tracemalloc counts them (NumPy included):
+    how the index tests bound what a stage costs per sample without timing anything."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        kept = fn()
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del kept
+    return held / n, peak / n

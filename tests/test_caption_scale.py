@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import gc
 import json
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shard_factory import memory_per_row
 
 from alip.caption import run, sidecar
 from alip.caption.run import CaptionOptions, SampleKeys, _ImageDataset, start_work
@@ -70,20 +70,7 @@ def small_chunks(monkeypatch):
         monkeypatch.setattr(module, "CHUNK", 512)
 
 
-def _per_row(fn, n: int) -> tuple[float, float]:
-    """(bytes held after, peak bytes during) `fn()` per row, as tracemalloc counts them (NumPy included)."""
-    gc.collect()
-    tracemalloc.start()
-    try:
-        kept = fn()
-        held, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    del kept
-    return held / n, peak / n
-
-
-def test_start_and_merge_memory_per_row(tmp_path, small_chunks):
+def test_start_and_merge_memorymemory_per_row(tmp_path, small_chunks):
     """At 20k rows with half of them captioned by an interrupted run, the start (index, earlier keys,
     the work, rank 0 of 8's share) peaks at about 150 bytes a row and keeps 120 (the index); the merge
     peaks at about 165. The code that held a SourceSample per sample (a set of every key, the work as
@@ -92,13 +79,13 @@ def test_start_and_merge_memory_per_row(tmp_path, small_chunks):
     n = 20_000
     manifest, out = write_inputs(tmp_path, n)
     start_work([manifest], _opts(out), SETTINGS, 0, 8)  # imports and one-off caches outside the measurement
-    held, peak = _per_row(lambda: start_work([manifest], _opts(out), SETTINGS, 0, 8), n)
+    held, peak = memory_per_row(lambda: start_work([manifest], _opts(out), SETTINGS, 0, 8), n)
     assert held < 200 and peak < 250, (held, peak)
 
     write_inputs(tmp_path, n, done_parts=8)
     samples, _ = run.index_for_captioning([manifest], _opts(out))
     keys = SampleKeys(samples)
-    _, merge_peak = _per_row(lambda: merge(out, keys, {"inputs": []}), n)
+    _, merge_peak = memory_per_row(lambda: merge(out, keys, {"inputs": []}), n)
     assert merge_peak < 250, merge_peak
     assert [e.key for e in read_sidecar(out)[1]] == [f"k{i}" for i in range(n)]
 

@@ -11,11 +11,11 @@ import itertools
 import json
 import pickle
 import random
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from shard_factory import memory_per_row
 
 from alip.data import convert, sources
 from alip.data.convert import ConvertOptions, index_inputs, plan_fingerprint, plan_shards, shard_stamp, stat_images
@@ -75,20 +75,7 @@ def test_the_index_holds_columns_and_reads_as_the_samples_it_replaces(tmp_path):
         samples[500]
 
 
-def _per_row(fn, n: int) -> tuple[float, float]:
-    """(bytes held after, peak bytes during) `fn()` per row, as tracemalloc counts them (NumPy included)."""
-    gc.collect()
-    tracemalloc.start()
-    try:
-        kept = fn()
-        held, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    del kept
-    return held / n, peak / n
-
-
-def test_index_join_and_plan_memory_per_row(tmp_path, monkeypatch):
+def test_index_join_and_plan_memorymemory_per_row(tmp_path, monkeypatch):
     """At 20k rows of scale.py's form (texts of 12 and 10 words) the index's columns hold ~260 bytes a row,
     and the peaks (tracemalloc, NumPy included) stay far below those of one SourceSample a row: about 760
     bytes a row indexing, 1060 joining a caption sidecar, 890 planning (130 over the index). At 20k rows a
@@ -102,8 +89,8 @@ def test_index_join_and_plan_memory_per_row(tmp_path, monkeypatch):
     index_inputs([manifest], index_opts)  # imports and one-off caches outside the measurement
     index_inputs([nocap], join_opts)
 
-    _, index_peak = _per_row(lambda: index_inputs([manifest], index_opts), n)
-    _, join_peak = _per_row(lambda: index_inputs([nocap], join_opts), n)
+    _, index_peak = memory_per_row(lambda: index_inputs([manifest], index_opts), n)
+    _, join_peak = memory_per_row(lambda: index_inputs([nocap], join_opts), n)
     samples, _ = index_inputs([nocap], join_opts)
     stored = samples.nbytes / n
 
@@ -113,7 +100,7 @@ def test_index_join_and_plan_memory_per_row(tmp_path, monkeypatch):
         plan_fingerprint(tasks, index_opts)
         return [shard_stamp(t) for t in tasks]
 
-    _, plan_peak = _per_row(plan, n)
+    _, plan_peak = memory_per_row(plan, n)
     assert stored < 280 and index_peak < 550 and join_peak < 750 and plan_peak < 140, (
         stored,
         index_peak,
