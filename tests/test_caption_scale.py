@@ -25,8 +25,9 @@ from alip.caption.sidecar import (
     read_sidecar,
     write_sidecar,
 )
-from alip.data import convert, sources
-from alip.data.sources import SampleIndex, SourceSample
+from alip.data import convert, sample_index
+from alip.data.sample_index import SampleIndex
+from alip.data.sources import SourceSample
 
 SETTINGS = {"model": "synthetic"}
 
@@ -66,7 +67,7 @@ def _opts(out: Path) -> CaptionOptions:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Rows made Python objects at a time: at 20k rows, the default 8192 would dominate the peaks."""
-    for module in (sources, convert, run, sidecar):
+    for module in (sample_index, convert, run, sidecar):
         monkeypatch.setattr(module, "CHUNK", 512)
 
 

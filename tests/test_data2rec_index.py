@@ -17,18 +17,10 @@ import numpy as np
 import pytest
 from shard_factory import memory_per_row
 
-from alip.data import convert, sources
+from alip.data import convert, sample_index, sources
 from alip.data.convert import ConvertOptions, index_inputs, plan_fingerprint, plan_shards, shard_stamp, stat_images
-from alip.data.sources import (
-    CaptionTable,
-    Columns,
-    SampleIndex,
-    SourceSample,
-    StringColumn,
-    StringColumnBuilder,
-    manifest_samples,
-    read_caption_sidecar,
-)
+from alip.data.sample_index import CaptionTable, SampleIndex, StringColumn, StringColumnBuilder
+from alip.data.sources import Columns, SourceSample, manifest_samples, read_caption_sidecar
 
 
 def _text(i: int, words: int) -> str:
@@ -81,7 +73,7 @@ def test_index_join_and_plan_memorymemory_per_row(tmp_path, monkeypatch):
     bytes a row indexing, 1060 joining a caption sidecar, 890 planning (130 over the index). At 20k rows a
     chunk of 8192 rows of Python strings adds ~150 bytes a row to each peak; at 1M it is gone."""
     n = 20_000
-    for module in (sources, convert):  # rows made Python objects at a time: at 20k rows, 8192 would dominate
+    for module in (sample_index, convert):  # rows made Python objects at a time: at 20k rows, 8192 would dominate
         monkeypatch.setattr(module, "CHUNK", 512)
     manifest, nocap, sidecar = write_manifests(tmp_path / "in", n)
     index_opts = opts_for(tmp_path, columns=Columns(key="key", caption="caption"))
@@ -131,7 +123,7 @@ def test_caption_table_joins_as_the_sidecar_dicts(tmp_path, monkeypatch, collide
     dicts: the last entry of a key wins, null captions are no entry, an empty caption by key falls back
     to the path; with every hash colliding too."""
     if collide:
-        monkeypatch.setattr(sources, "_hash", lambda s: len(s) % 3)
+        monkeypatch.setattr(sample_index, "_hash", lambda s: len(s) % 3)
     rng = random.Random(0)
     sidecar = tmp_path / "side.jsonl"
     with open(sidecar, "w", encoding="utf-8") as f:

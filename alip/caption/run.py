@@ -49,7 +49,8 @@ from alip.caption.sidecar import (
 )
 from alip.data.convert import ConvertOptions, index_inputs
 from alip.data.images import BadImage, decode_image
-from alip.data.sources import CHUNK, Columns, InputError, SampleIndex, Skip, read_image_bytes
+from alip.data.sample_index import CHUNK, SampleIndex
+from alip.data.sources import Columns, InputError, Skip, read_image_bytes
 from alip.distributed import get_rank, get_world_size
 
 logger = logging.getLogger(__name__)

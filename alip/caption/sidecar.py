@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alip.data.sources import CAPTION_META_KEY, CHUNK, InputError, StringColumn, StringColumnBuilder
+from alip.data.sample_index import CHUNK, StringColumn, StringColumnBuilder
+from alip.data.sources import CAPTION_META_KEY, InputError
 from alip.files import json_lines
 
 logger = logging.getLogger(__name__)

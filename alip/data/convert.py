@@ -1,7 +1,7 @@
 """Manifest / img2dataset tars (+ caption sidecar) -> shuffled RecordIO shards + meta JSON.
 
 The steps, each restartable, under a lock on the output folder (two runs never write into one):
-1. Index the inputs (rows, tar members) into columns (sources.SampleIndex: about 240 bytes a row
+1. Index the inputs (rows, tar members) into columns (sample_index.SampleIndex: about 240 bytes a row
    for YFCC-length texts, so 15M rows fit in a few GB), join captions, and count every row that
    cannot become a sample, with its reason. Stat every image file: its size and mtime tell a rerun which shards
    are stale.
@@ -44,18 +44,13 @@ from alip.cli import UserError
 from alip.data import schema
 from alip.data.images import BadImage, prepare_image
 from alip.data.recordio import RecordIOWriter
+from alip.data.sample_index import CHUNK, CaptionTable, IndexBuilder, SampleIndex, StringColumn, StringColumnBuilder
 from alip.data.sources import (
-    CHUNK,
     CaptionSource,
-    CaptionTable,
     Columns,
-    IndexBuilder,
     InputError,
-    SampleIndex,
     Skip,
     SourceSample,
-    StringColumn,
-    StringColumnBuilder,
     iter_manifest,
     read_image_bytes,
     read_sidecar_header,
