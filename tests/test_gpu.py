@@ -100,3 +100,20 @@ def test_dali_mixed_decode_matches_cpu_decode(shards):
     diff = (cpu["image"].float().cpu() - gpu["image"].float().cpu()).abs()
     # nvJPEG and libjpeg-turbo round the IDCT differently: a level or two of 255, rarely more.
     assert diff.mean() < 0.02 and diff.max() < 0.25
+
+
+def test_dali_gpu_decode_failure_names_the_shards_and_the_deep_check(shards, tmp_path):
+    """Issue 17's case as the user met it: DALI's `mixed` decoder failing with "nvImageCodec failure
+    '#4'" and naming nothing. tests/test_adversarial_shards.py checks the CPU decoder."""
+    pytest.importorskip("nvidia.dali")
+    from test_adversarial_shards import IMAGE_AT, NOT_A_JPEG, config, damaged_copy
+
+    from alip.data.dali import DaliLoader
+    from alip.data.recordio import RecordIOError
+
+    meta, rec = damaged_copy(shards, tmp_path / "s", 13, IMAGE_AT, NOT_A_JPEG)
+    loader = DaliLoader(meta, config(), train=False, device="cuda")
+    with pytest.raises(RecordIOError) as e:
+        list(loader)
+    assert str(rec) in str(e.value) and "inspect_rec.py --check --deep" in str(e.value)
+    loader.close()
