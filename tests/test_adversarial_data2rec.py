@@ -20,8 +20,9 @@ from PIL import Image
 from shard_factory import PHOTOS, jpeg_bytes, photo
 
 from alip.data import schema
-from alip.data.convert import ConvertOptions, convert, index_inputs, plan_shards
+from alip.data.convert import ConvertOptions, convert
 from alip.data.images import BadImage, prepare_image
+from alip.data.shard_plan import index_inputs, plan_shards
 from alip.data.sources import Columns, InputError
 from alip.files import FolderLock
 

@@ -25,7 +25,7 @@ from alip.caption.sidecar import (
     read_sidecar,
     write_sidecar,
 )
-from alip.data import convert, sample_index
+from alip.data import sample_index, shard_plan
 from alip.data.sample_index import SampleIndex
 from alip.data.sources import SourceSample
 
@@ -67,7 +67,7 @@ def _opts(out: Path) -> CaptionOptions:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Rows made Python objects at a time: at 20k rows, the default 8192 would dominate the peaks."""
-    for module in (sample_index, convert, run, sidecar):
+    for module in (sample_index, shard_plan, run, sidecar):
         monkeypatch.setattr(module, "CHUNK", 512)
 
 

@@ -316,7 +316,7 @@ def test_workers_in_processes_read_row_groups_and_the_npy(hub_parquet, tmp_path)
 @pytest.mark.parametrize("image_col", ["image", "jpg"])
 def test_parquet_is_read_by_row_group_and_the_index_never_reads_images(hub_parquet, tmp_path, monkeypatch, image_col):
     """Indexing reads only the cheap columns; the workers read their rows by row group, never a whole file."""
-    from alip.data.convert import index_inputs
+    from alip.data.shard_plan import index_inputs
 
     path, rows = hub_parquet
 

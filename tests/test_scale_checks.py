@@ -156,7 +156,7 @@ def test_full_check_is_a_start_up_option(tmp_path):
 
 
 def test_duplicate_keys_compares_only_colliding_hashes():
-    from alip.data.convert import duplicate_keys
+    from alip.data.shard_plan import duplicate_keys
 
     assert duplicate_keys([]) == [] and duplicate_keys(["a"]) == []
     keys = [f"k{i}" for i in range(1000)] + ["k7", "k999", "k7"]
