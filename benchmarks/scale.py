@@ -344,13 +344,13 @@ def _score(n: int, folder: Path, mark: dict) -> None:
 
     class Records:  # what _ranked_rows asks of the RecordDataset: its length and each record's shard
         def __init__(self) -> None:
-            self.ids = np.repeat(np.arange(len(counts)), counts)
+            self._shard_ids = np.repeat(np.arange(len(counts)), counts)  # as RecordDataset holds them
 
         def __len__(self) -> int:
             return n
 
         def shard_of(self, i: int) -> int:
-            return int(self.ids[i])
+            return int(self._shard_ids[i])
 
     rng = np.random.default_rng(0)
     keys = np.arange(n)

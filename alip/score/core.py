@@ -176,7 +176,8 @@ def score_shards(
     )
     columns = list(BASE_COLUMNS)
     if truth_map is not None:
-        summary.update(_join_truth(rows, truth_map, truth, no_texts=all(t is None for t in texts), warnings=warnings))
+        no_texts = all(b is None for b in texts.bounds)
+        summary.update(_join_truth(rows, truth_map, truth, no_texts=no_texts, warnings=warnings))
         columns += TRUTH_COLUMNS
     summary["warnings"] = list(warnings)
     summary["seconds"] = round(time.perf_counter() - started, 3)

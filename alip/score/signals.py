@@ -3,12 +3,13 @@
 `_read_checkpoint` finds the model name and the gates' EMA state, power and pair_gate in a
 training checkpoint; `_similarities` runs the model over the shards (through `_Scored`);
 `_gate_weights` turns the similarities into the gates' weights; `_shard_texts` reads each shard's
-texts sidecar for the original strings.
+texts sidecar for the original strings, in columns (`ShardTexts`).
 """
 
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from alip.data import schema
+from alip.data.sample_index import CHUNK, StringColumn, StringColumnBuilder
 from alip.data.torch_loader import RecordDataset, worker_errors
 from alip.model import quiet_random_init
 from alip.score.common import ScoreInputError, _Warnings, logger
@@ -34,6 +36,53 @@ class _Checkpoint:
     ema: dict[str, float] | None  # tc/it/ic, None when the checkpoint has no usable EMA state
     power: float | None
     pair_gate: str | None
+
+
+TEXT_FIELDS = ("sample_key", "raw_text", "caption")
+
+
+@dataclass
+class ShardTexts:
+    """The entries of every shard's texts sidecar, in columns (about 24 bytes a record beside its strings,
+    where a dict per record cost some 600): each shard's rows in file order, shard after shard."""
+
+    keys: np.ndarray  # [M] int64 record keys
+    sample_key: StringColumn  # [M + 1]: the last row is blank (what a record without an entry gets)
+    raw_text: StringColumn
+    caption: StringColumn
+    bounds: list[tuple[int, int] | None]  # each shard's rows [first, stop); None: the shard has no sidecar
+
+    @property
+    def blank(self) -> int:
+        return len(self.keys)
+
+    def rows_of(self, shard_ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """(each record's row, `blank` without an entry; how many records found an entry; how many did not
+        in a shard with a sidecar). A key listed twice in a sidecar: its last entry, as a dict would keep."""
+        rows = np.full(len(keys), self.blank, np.int64)
+        found = missing = 0
+        starts = np.searchsorted(shard_ids, np.arange(len(self.bounds) + 1))  # records are in shard order
+        for shard, bound in enumerate(self.bounds):
+            if bound is None:
+                continue
+            lo, hi = int(starts[shard]), int(starts[shard + 1])
+            if not np.all(shard_ids[lo:hi] == shard):  # not in shard order: select the shard's records
+                where = np.flatnonzero(shard_ids == shard)
+            else:
+                where = slice(lo, hi)
+            wanted = keys[where]
+            table = self.keys[bound[0] : bound[1]]
+            if len(table):
+                by_key = np.argsort(table, kind="stable")
+                pos = np.searchsorted(table[by_key], wanted, side="right") - 1  # the last of equal keys
+                hit = pos >= 0
+                hit[hit] = table[by_key[pos[hit]]] == wanted[hit]
+                rows[where] = np.where(hit, bound[0] + by_key[np.maximum(pos, 0)], self.blank)
+            else:
+                hit = np.zeros(len(wanted), bool)
+            found += int(hit.sum())
+            missing += int((~hit).sum())
+        return rows, found, missing
 
 
 def _find_ema(loss_state: Any) -> dict[str, float] | None:
@@ -99,23 +148,49 @@ def _texts_path(shard: schema.ShardInfo) -> Path | None:
     return beside if beside.is_file() else None
 
 
-def _read_texts(path: Path) -> dict[int, dict[str, str]]:
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                key = int(entry["key"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ScoreInputError(f"{path}:{lineno}: not a texts sidecar entry ({e})") from None
-            out[key] = {
-                "sample_key": "" if entry.get("sample_key") is None else str(entry["sample_key"]),
-                "raw_text": entry.get("raw_text") or "",
-                "caption": entry.get("caption") or "",
-            }
-    return out
+class _TextsBuilder:
+    """The texts sidecars' entries in columns, shard after shard (see `ShardTexts`)."""
+
+    def __init__(self) -> None:
+        self.keys = array("q")
+        self.columns = {name: StringColumnBuilder() for name in TEXT_FIELDS}
+        self.bounds: list[tuple[int, int] | None] = []
+
+    def read(self, path: Path) -> None:
+        first = len(self.keys)
+        pending = [self.columns[name].pending for name in TEXT_FIELDS]
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    key = int(entry["key"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise ScoreInputError(f"{path}:{lineno}: not a texts sidecar entry ({e})") from None
+                if not -(1 << 63) <= key < 1 << 63:
+                    continue  # no record has this key (record keys are int64)
+                self.keys.append(key)
+                sample_key = entry.get("sample_key")
+                for out, value in zip(
+                    pending,
+                    ("" if sample_key is None else sample_key, entry.get("raw_text") or "", entry.get("caption") or ""),
+                    strict=True,
+                ):
+                    out.append(value if isinstance(value, str) else str(value))  # as the CSV writes it
+                if len(pending[0]) >= CHUNK:
+                    self._flush()
+        self.bounds.append((first, len(self.keys)))
+
+    def _flush(self) -> None:
+        for column in self.columns.values():
+            column.flush()
+
+    def finish(self) -> ShardTexts:
+        for column in self.columns.values():
+            column.pending.append("")  # the blank row of records without an entry
+        keys = np.frombuffer(self.keys, np.int64) if self.keys else np.empty(0, np.int64)
+        return ShardTexts(keys, *(self.columns[name].finish() for name in TEXT_FIELDS), self.bounds)
 
 
 class _Scored(Dataset):
@@ -225,13 +300,17 @@ def _gate_weights(sims: np.ndarray, ema: dict[str, float] | None, power: float, 
     return _Gated(w, mu, "checkpoint" if ema is not None else "dataset_mean", means)
 
 
-def _shard_texts(shards: list[schema.ShardInfo], warnings: _Warnings) -> list[dict[int, dict[str, str]] | None]:
-    """Each shard's texts sidecar by record key; None for a shard without one (warned once)."""
-    texts: list[dict[int, dict[str, str]] | None] = []
+def _shard_texts(shards: list[schema.ShardInfo], warnings: _Warnings) -> ShardTexts:
+    """Every shard's texts sidecar in columns; a shard without one is warned about once."""
+    builder = _TextsBuilder()
     for shard in shards:
         path = _texts_path(shard)
-        texts.append(_read_texts(path) if path is not None and path.is_file() else None)
-    without = [shard.rec for shard, t in zip(shards, texts, strict=True) if t is None]
+        if path is not None and path.is_file():
+            builder.read(path)
+        else:
+            builder.bounds.append(None)
+    texts = builder.finish()
+    without = [shard.rec for shard, b in zip(shards, texts.bounds, strict=True) if b is None]
     if without:
         warnings.add(
             f"{len(without)} of {len(shards)} shards have no texts sidecar (data2rec writes "

@@ -1,7 +1,7 @@
 """Ground truth for `alip score`: reading noise flags, ROC-AUC and how well the ranking finds the noise.
 
-`roc_auc`, `parse_noisy` and `read_truth` are pure (no model, no logging); `_join_truth` sets each
-ranked row's `noisy`/`noise` and returns the summary's truth part.
+`roc_auc`, `parse_noisy` and `read_truth` are pure (no model, no logging); `_join_truth` sets the
+ranked rows' `noisy`/`noise` and returns the summary's truth part.
 """
 
 from __future__ import annotations
@@ -9,15 +9,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from alip.data.sample_index import CHUNK
 from alip.score.common import ScoreInputError, _Warnings
+
+if TYPE_CHECKING:
+    from alip.score.ranking import RankedRows
 
 TRUTH_COLUMNS = ("noisy", "noise")
 _TRUE = {"1", "true", "yes", "y", "t"}
@@ -115,27 +118,36 @@ def read_truth(path: str | Path) -> dict[str, tuple[bool, str | None]]:
     return truth
 
 
-def _truth_summary(rows: list[dict[str, Any]], truth: dict[str, tuple[bool, str | None]]) -> dict[str, Any]:
-    """AUCs and precision@#noisy over the ranked rows that have a truth entry (sets rows' noisy/noise)."""
+def _truth_summary(rows: RankedRows, truth: dict[str, tuple[bool, str | None]]) -> dict[str, Any]:
+    """AUCs and precision@#noisy over the ranked rows that have a truth entry (sets the rows' noisy/noise)."""
+    n = len(rows)
+    noisy = np.full(n, -1, np.int8)
+    noise = np.full(n, -1, np.int32)
+    kinds: dict[str, int] = {}
     matched_keys = set()
-    for row in rows:
-        entry = truth.get(row["sample_key"]) if row["sample_key"] else None
-        row["noisy"], row["noise"] = entry if entry is not None else (None, None)
-        if entry is not None:
-            matched_keys.add(row["sample_key"])
-    ranked = [r for r in rows if r["noisy"] is not None]  # already in rank order
+    for first in range(0, n, CHUNK):
+        for j, key in enumerate(rows.sample_keys(np.arange(first, min(first + CHUNK, n), dtype=np.int64)), first):
+            entry = truth.get(key) if key else None
+            if entry is None:
+                continue
+            matched_keys.add(key)
+            noisy[j] = bool(entry[0])
+            if entry[1] is not None:
+                noise[j] = kinds.setdefault(entry[1], len(kinds))
+    rows.noisy, rows.noise, rows.noise_kinds = noisy, noise, list(kinds)
+    ranked = np.flatnonzero(noisy >= 0)  # already in rank order
     out: dict[str, Any] = {
         "truth_entries": len(truth),
         "truth_matched_records": len(ranked),
         "truth_keys_not_in_shards": len(truth.keys() - matched_keys),
-        "records_without_truth": len(rows) - len(ranked),
+        "records_without_truth": n - len(ranked),
     }
-    if not ranked:
+    if not len(ranked):
         return out
-    y = np.array([r["noisy"] for r in ranked], dtype=bool)
-    w_s = np.array([r["weight_sample"] for r in ranked])
-    w_t = np.array([r["weight_raw"] for r in ranked])
-    s_tc = np.array([r["s_raw_caption"] for r in ranked])
+    y = noisy[ranked] == 1
+    w_s = rows.weights[ranked, 0]
+    w_t = rows.weights[ranked, 1]
+    s_tc = rows.sims[ranked, 0]
     n_noisy = int(y.sum())
     out.update(
         noisy=n_noisy,
@@ -148,18 +160,23 @@ def _truth_summary(rows: list[dict[str, Any]], truth: dict[str, tuple[bool, str 
         flagged_precision=float(y[w_s < 1.0].mean()) if (w_s < 1.0).any() else None,
         flagged_recall=float((w_s[y] < 1.0).mean()) if n_noisy else None,
     )
-    kinds = Counter((r["noise"] or "unspecified") for r in ranked if r["noisy"])
+    names = list(rows.noise_kinds)
+    if "unspecified" not in kinds:
+        names.append("unspecified")
+    unspecified = names.index("unspecified")  # noisy rows without a kind count as this one
+    code = np.where(noise[ranked] >= 0, noise[ranked], unspecified)
+    counts = np.bincount(code[y], minlength=len(names))
     clean = ~y
     by_noise = {}
-    for kind, count in sorted(kinds.items()):
-        sel = np.array([bool(r["noisy"]) and (r["noise"] or "unspecified") == kind for r in ranked]) | clean
-        by_noise[kind] = {"count": count, "auc_weight_sample": _auc_or_none(1.0 - w_s[sel], y[sel])}
+    for name, c in sorted((names[c], c) for c in np.flatnonzero(counts).tolist()):
+        sel = (y & (code == c)) | clean
+        by_noise[name] = {"count": int(counts[c]), "auc_weight_sample": _auc_or_none(1.0 - w_s[sel], y[sel])}
     out["by_noise"] = by_noise
     return out
 
 
 def _join_truth(
-    rows: list[dict[str, Any]],
+    rows: RankedRows,
     truth_map: dict[str, tuple[bool, str | None]],
     truth: str | Path,
     *,
@@ -172,7 +189,8 @@ def _join_truth(
         if no_texts:
             why = "the shards have no texts sidecar, so their sample keys are unknown"
         else:
-            example = next((r["sample_key"] for r in rows if r["sample_key"]), "")
+            chunks = (rows.sample_keys(np.arange(a, min(a + CHUNK, len(rows)))) for a in range(0, len(rows), CHUNK))
+            example = next((key for chunk in chunks for key in chunk if key), "")
             why = f"the shards' sample keys look like {example!r}"
         raise ScoreInputError(
             f"no record of the shards matches a key of the truth file {truth} "
