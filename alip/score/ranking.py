@@ -36,40 +36,50 @@ RANKING = "ascending s_raw_caption (most likely noisy first; ties keep shard ord
 
 
 class RankedRows(Sequence):
-    """The ranked records in columns, most likely noisy first: NumPy arrays for the numbers, the texts
-    sidecars' `StringColumn`s for the strings (about 100 bytes a record beside its strings, where a
-    dict per record cost some 1,500). Indexing, slicing and iterating give one dict per row, made on
-    demand; `chunks` gives the CSV's rows a chunk at a time."""
+    """The ranked records in columns, most likely noisy first: the model pass's NumPy arrays as they
+    are, the ranking as an order over them, the strings in the texts sidecars' `StringColumn`s (16 bytes
+    a record beside those, where the dicts per record of the code before cost about 1,000). Indexing,
+    slicing and iterating give one dict per row, made on demand; `chunks` gives the CSV's rows a chunk at
+    a time."""
 
     def __init__(
         self,
+        order: np.ndarray,
         record_key: np.ndarray,
         weights: np.ndarray,
         sims: np.ndarray,
         text_rows: np.ndarray,
         texts: ShardTexts,
     ) -> None:
-        self.record_key = record_key  # [N] int64, ranked
-        self.weights = weights  # [N, 3] float64: weight_sample, weight_raw, weight_caption
-        self.sims = sims  # [N, 3] float64: s_raw_caption, s_image_raw, s_image_caption
+        self.order = order  # [N] int64: the record at each rank (the arrays below are in record order)
+        self.record_key = record_key  # [N] int64
+        self.weights = weights  # [N, 3]: weight_sample, weight_raw, weight_caption
+        self.sims = sims  # [N, 3]: s_raw_caption, s_image_raw, s_image_caption
         self.text_rows = text_rows  # [N] int64: the row of `texts` (its blank row without an entry)
         self.texts = texts
-        self.noisy: np.ndarray | None = None  # [N] int8 with --truth: 1 noisy, 0 clean, -1 no truth entry
-        self.noise: np.ndarray | None = None  # [N] int32 with --truth: index in noise_kinds, -1 for None
+        self.noisy: np.ndarray | None = None  # [N] int8 by rank with --truth: 1 noisy, 0 clean, -1 no truth entry
+        self.noise: np.ndarray | None = None  # [N] int32 by rank with --truth: index in noise_kinds, -1 for None
         self.noise_kinds: list[str] = []
 
     def __len__(self) -> int:
-        return len(self.record_key)
+        return len(self.order)
 
     def sample_keys(self, positions: np.ndarray) -> list[str]:
-        return self.texts.sample_key.take(self.text_rows[positions])
+        """The sample keys of the rows at `positions` (ranks - 1)."""
+        return self.texts.sample_key.take(self.text_rows[self.order[positions]])
+
+    def ranked(self, name: str, positions: np.ndarray) -> np.ndarray:
+        """A weight or similarity column (`WEIGHTS`, `SIMILARITIES`) at `positions`, in float64."""
+        values, j = (self.weights, WEIGHTS.index(name)) if name in WEIGHTS else (self.sims, SIMILARITIES.index(name))
+        return values[self.order[positions], j].astype(np.float64)
 
     def _columns(self, positions: np.ndarray) -> dict[str, list[Any]]:
-        rows = self.text_rows[positions]
-        weights, sims = self.weights[positions], self.sims[positions]
+        records = self.order[positions]
+        rows = self.text_rows[records]
+        weights, sims = self.weights[records], self.sims[records]  # tolist: the values as float() gives them
         out: dict[str, list[Any]] = {
             "rank": (positions + 1).tolist(),
-            "record_key": self.record_key[positions].tolist(),
+            "record_key": self.record_key[records].tolist(),
             "sample_key": self.texts.sample_key.take(rows),
             **{name: weights[:, j].tolist() for j, name in enumerate(WEIGHTS)},
             **{name: sims[:, j].tolist() for j, name in enumerate(SIMILARITIES)},
@@ -170,13 +180,4 @@ def _ranked_rows(
     if missing_text:
         warnings.add(f"{missing_text} records have no entry in their shard's texts sidecar: their strings are blank")
     order = np.argsort(sims[:, 0], kind="stable")  # stable: ties keep shard order
-    return (
-        RankedRows(
-            np.asarray(keys, np.int64)[order],
-            np.asarray(w, np.float64)[order],
-            np.asarray(sims, np.float64)[order],
-            text_rows[order],
-            texts,
-        ),
-        with_text,
-    )
+    return RankedRows(order, np.asarray(keys, np.int64), w, sims, text_rows, texts), with_text

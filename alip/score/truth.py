@@ -145,9 +145,9 @@ def _truth_summary(rows: RankedRows, truth: dict[str, tuple[bool, str | None]]) 
     if not len(ranked):
         return out
     y = noisy[ranked] == 1
-    w_s = rows.weights[ranked, 0]
-    w_t = rows.weights[ranked, 1]
-    s_tc = rows.sims[ranked, 0]
+    w_s = rows.ranked("weight_sample", ranked)
+    w_t = rows.ranked("weight_raw", ranked)
+    s_tc = rows.ranked("s_raw_caption", ranked)
     n_noisy = int(y.sum())
     out.update(
         noisy=n_noisy,
