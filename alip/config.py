@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from alip.cli import UserError
+from alip.data.loaders.config import LoaderSettings
 
 
 class ConfigError(UserError, ValueError):
@@ -33,36 +34,12 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclass
-class DataConfig:
-    train: str = ""  # shards: meta JSON, folder, .rec glob or single .rec (see alip.data.schema.resolve_shards)
+class DataConfig(LoaderSettings):
+    """The `data` section: which shards, which loader, and the loader settings (alip.data.loaders.config
+    .LoaderSettings says what each of image_size, random_area, ..., last_batch, full_check does)."""
+
+    train: str = ""  # shards: meta JSON, folder, .rec glob or single .rec (see alip.data.format.schema.resolve_shards)
     loader: Literal["dali", "torch"] = "dali"
-    image_size: int = 224
-    random_area: tuple[float, float] = (0.7, 1.0)  # the released recipe's random crop
-    random_aspect_ratio: tuple[float, float] = (0.8, 1.25)
-    # Draws before the random crop falls back to its fixed-size window (the largest one in the ratio
-    # range: no scale augmentation), as the release. DALI's and torchvision's default of 10 falls
-    # back for ~40% of 3:2 photos (see alip.data.loader_config).
-    crop_attempts: int = 100
-    flip_prob: float = 0.5
-    # The records of an epoch that do not fill a batch on every rank: "drop" them (fewer than one
-    # global batch per epoch), "fill" each rank's last batch with other real records of its own part
-    # (its first ones of the epoch; the release config's), or "pad" it by repeating its last sample
-    # (DALI's pad_last_batch; the copies are negatives of each other in the loss; warns at start).
-    # "drop" and "fill" never put two copies of a record in one batch or global batch. samples_seen
-    # counts the global batch per step: real distinct samples with "drop"; with "fill" and "pad" the
-    # fill rows and copies too (trained rows). See alip.data.loader_config.
-    last_batch: Literal["drop", "fill", "pad"] = "drop"
-    shuffle_buffer: int = 4096
-    num_threads: int = 4  # DALI threads per rank
-    num_workers: int = 4  # torch loader worker processes per rank
-    # At start, walk every record's frame header (`tools/inspect_rec.py --check`) instead of the
-    # default quick check (sizes and counts against the meta JSON, the .idx, three records per
-    # shard): one small read per record, ~30 s per rank for YFCC15M from the page cache, far
-    # longer cold on a shared filesystem (benchmarks/scale.py).
-    full_check: bool = False
-    # At start, also verify checksums and decode every image and label of the shards (the deep
-    # check of `tools/inspect_rec.py --check --deep`): reads every byte of every shard, so opt-in.
-    deep_check: bool = False
 
 
 @dataclass

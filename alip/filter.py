@@ -1,27 +1,8 @@
-"""`python -m alip.filter`: the same command as `alip-filter` (alip.score.filter_command).
-
-The filter lives in the score package, beside the scores it reads; this module is its short name.
-"""
+"""`python -m alip.filter`: the same command as `alip-filter` (alip.score.filter, beside the scores it reads)."""
 
 import sys
 
-from alip.score.filter import FilterReport, filter_shards
-from alip.score.filter_command import build_parser, cli, main
-from alip.score.filter_rule import REASONS, SIGNALS, FilterInputError, Rule, decide, gmm_clean
-
-__all__ = [
-    "REASONS",
-    "SIGNALS",
-    "FilterInputError",
-    "FilterReport",
-    "Rule",
-    "build_parser",
-    "cli",
-    "decide",
-    "filter_shards",
-    "gmm_clean",
-    "main",
-]
+from alip.score.filter import cli
 
 if __name__ == "__main__":
     sys.exit(cli())

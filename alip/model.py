@@ -128,13 +128,13 @@ class BiPathCLIP(nn.Module):
     Captions are [B, L], or [B, K, L] for K caption sources (features [B, K, D]).
 
     Raw text and caption go through the shared text tower; `text_trim` (see alip.text_trim)
-    decides how: "off" is one batched call at 77 tokens ([2B, 77]); "batch" cuts each source to
-    its longest text; "buckets" sorts all texts by length into groups. All three give the same
-    features and gradients. This is the module to wrap in DDP, so that DDP's forward hooks see the
-    whole step.
+    decides how: "buckets" (the default, the trainer's) sorts all texts by length into groups;
+    "batch" cuts each source to its longest text; "off" is one batched call at 77 tokens ([2B, 77]),
+    as the release. All three give the same features and gradients, so the cheapest is the default.
+    This is the module to wrap in DDP, so that DDP's forward hooks see the whole step.
     """
 
-    def __init__(self, clip: nn.Module, text_trim: TrimMode = "off", text_buckets: int = 4) -> None:
+    def __init__(self, clip: nn.Module, text_trim: TrimMode = "buckets", text_buckets: int = 4) -> None:
         super().__init__()
         self.clip = clip
         if text_trim != "off" and not supports_trim(clip):

@@ -37,7 +37,7 @@ from skimage import data as skdata
 
 from alip.caption.captioner import Captioner, DecodeSettings, resolve_dtype
 from alip.caption.run import CaptionOptions, caption_inputs
-from alip.data.images import decode_image
+from alip.data.format.images import decode_image
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "camera"]
 TINY_WORDS = (

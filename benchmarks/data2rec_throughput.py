@@ -3,7 +3,7 @@
 
 Makes N distinct ~500x375 JPEGs (random crops of the scikit-image sample photos, quality 90,
 the size of a Flickr "medium" image as in YFCC15M). Then it times the shard-writing phase of
-alip.data.convert: full decode and validation, tokenising both texts, and writing the records.
+alip.data.ingest.convert: full decode and validation, tokenising both texts, and writing the records.
 Per-worker figures count only the time inside the workers; the wall figure adds their start-up.
 Indexing is not counted. Three cases:
   - passthrough: input JPEGs go into the shards unchanged (the common case), 1 worker;
@@ -27,8 +27,8 @@ import PIL
 from PIL import Image
 from skimage import data as skdata
 
-from alip.data.convert import ConvertOptions, convert
-from alip.data.sources import Columns
+from alip.data.ingest.convert import ConvertOptions, convert
+from alip.data.ingest.sources import Columns
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "camera"]
 

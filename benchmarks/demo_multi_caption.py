@@ -107,8 +107,8 @@ def _gates_from_checkpoint(state: dict) -> Any:
 def _read_records(meta: Path) -> tuple[list[str], list[bytes], np.ndarray, np.ndarray]:
     """(sample keys, JPEG bytes, raw tokens [N, 77], caption tokens [N, K, 77]) of every record, in
     shard order: exactly what training read."""
-    from alip.data import schema
-    from alip.data.recordio import RecordIOReader
+    from alip.data.format import schema
+    from alip.data.format.recordio import RecordIOReader
 
     keys, jpegs, raws, caps = [], [], [], []
     for info, slots in schema.resolve_dataset(meta):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Training-loader throughput: DALI (alip.data.dali) next to the PyTorch fallback (alip.data.torch_loader).
+"""Training-loader throughput: DALI (alip.data.loaders.dali) next to the PyTorch fallback
+(alip.data.loaders.torch_loader).
 
 Writes shards of real photos (scikit-image's sample images, 300x451 to 872x1000 pixels, JPEG
 quality 95, cycled to --records records) into a temporary folder, then times each loader on the
@@ -34,9 +35,9 @@ import torchvision
 from PIL import Image
 from skimage import data as skdata
 
-from alip.data import schema
-from alip.data.loader_config import LoaderConfig
-from alip.data.recordio import RecordIOWriter
+from alip.data.format import schema
+from alip.data.format.recordio import RecordIOWriter
+from alip.data.loaders.config import LoaderConfig
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "camera"]
 
@@ -125,11 +126,11 @@ def main() -> None:
         meta = write_shards(Path(tmp), args.records, args.per_shard)
         for kind in args.loaders:
             if kind == "dali":
-                from alip.data.dali import DaliLoader
+                from alip.data.loaders.dali import DaliLoader
 
                 loader, setting = DaliLoader(meta, config, train=True), f"CPU decode, num_threads={args.threads}"
             else:
-                from alip.data.torch_loader import TorchLoader
+                from alip.data.loaders.torch_loader import TorchLoader
 
                 loader, setting = TorchLoader(meta, config, train=True), f"PIL, num_workers={args.workers}"
             results.append(

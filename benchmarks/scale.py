@@ -9,19 +9,19 @@ imports). The time is extrapolated along the log-log slope between the two large
   - index:   data2rec's index_inputs on a TSV manifest (key, image path, text, caption columns);
   - join:    index_inputs with the captions from a JSONL caption sidecar joined by key;
   - plan:    index, then stat every image, shuffle and cut into shards, the plan fingerprint and
-             the per-shard stamps a rerun compares (alip.data.convert: everything before writing);
+             the per-shard stamps a rerun compares (alip.data.ingest.convert: everything before writing);
   - index_parquet, plan_parquet: the same two on the hub's parquet form, as the published YFCC15M
              release holds it: the images embedded in a `datasets` Image column (struct<bytes, path>),
              the raw text and caption as CLIP token ids (list<int32>), files of 10k rows in row
              groups of 100 (what `datasets` writes for image data); no key column (keys are row
              numbers). Only the footers are read: the images and ids stay in the files until a
              worker writes their shard;
-  - start:   the loaders' default start-up check (alip.data.loader_config.prepare_shards) on
+  - start:   the loaders' default start-up check (alip.data.loaders.preflight.prepare_shards) on
              shards of tiny records, page cache warm ("nothing changed");
   - start_cold: the same after evicting the shards from the page cache (posix_fadvise DONTNEED);
   - full_check: the opt-in full check (every record's frame header), page cache warm;
-  - dali_index: the DALI loader's combined index over all shards (alip.data.dali.combined_index);
-  - torch_index: the torch loader's record table (alip.data.torch_loader.RecordDataset);
+  - dali_index: the DALI loader's combined index over all shards (alip.data.loaders.dali.combined_index);
+  - torch_index: the torch loader's record table (alip.data.loaders.torch_loader.RecordDataset);
   - dali_start: a whole DaliLoader construction on the CPU (rank 0 of 8): the check, the combined
              index, DALI's pipeline build (its reader parses the index) and its first prefetch;
   - score:   `alip score`'s ranking: read the texts sidecars, gate weights, rank, write the CSV
@@ -134,8 +134,8 @@ def make_inputs(n: int, folder: Path) -> None:
     if (folder / "ready").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    from alip.data import schema
-    from alip.data.recordio import RecordIOWriter
+    from alip.data.format import schema
+    from alip.data.format.recordio import RecordIOWriter
 
     with open(folder / "manifest.tsv", "w", encoding="utf-8") as m, open(folder / "nocap.tsv", "w") as nc:
         m.write("key\timage\ttext\tcaption\n")
@@ -182,7 +182,7 @@ def make_inputs(n: int, folder: Path) -> None:
 
 
 def _opts(folder: Path, **kw):
-    from alip.data.convert import ConvertOptions
+    from alip.data.ingest.convert import ConvertOptions
 
     return ConvertOptions(out_dir=folder / "out", progress=False, workers=1, **kw)
 
@@ -200,8 +200,8 @@ def stage(name: str, n: int, folder: Path) -> None:
 
 def _data2rec_stage(name: str, n: int, folder: Path, mark: dict) -> None:
     """data2rec's index (with a caption column or a caption sidecar join) and planning."""
-    from alip.data import convert
-    from alip.data.sources import Columns
+    from alip.data.ingest import convert
+    from alip.data.ingest.sources import Columns
 
     if name == "join":
         opts = _opts(folder, columns=Columns(key="key"), captions=folder / "captions.jsonl")
@@ -232,7 +232,7 @@ def _data2rec_stage(name: str, n: int, folder: Path, mark: dict) -> None:
 
 def _start_stage(name: str, n: int, folder: Path, mark: dict) -> None:
     """The loaders' start-up check: quick (warm or cold page cache) or full."""
-    from alip.data.loader_config import prepare_shards
+    from alip.data.loaders.preflight import prepare_shards
 
     meta = folder / "train.meta.json"
     if name == "start_cold":
@@ -246,12 +246,12 @@ def _start_stage(name: str, n: int, folder: Path, mark: dict) -> None:
 
 def _index_stage(name: str, n: int, folder: Path, mark: dict) -> None:
     """The loaders' record index: DALI's combined .idx, or the torch loader's record table."""
-    from alip.data.loader_config import prepare_shards
+    from alip.data.loaders.preflight import prepare_shards
 
     if name == "dali_index":  # imported before the clock starts: the import is not the index's cost
-        from alip.data.dali import combined_index
+        from alip.data.loaders.dali import combined_index
     else:
-        from alip.data.torch_loader import RecordDataset
+        from alip.data.loaders.torch_loader import RecordDataset
     checks = prepare_shards(folder / "train.meta.json")
     mark["base"] = _rss()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -266,8 +266,8 @@ def _index_stage(name: str, n: int, folder: Path, mark: dict) -> None:
 
 def _dali_start_stage(name: str, n: int, folder: Path, mark: dict) -> None:
     """A whole DaliLoader construction on the CPU, as rank 0 of 8."""
-    from alip.data.dali import DaliLoader
-    from alip.data.loader_config import LoaderConfig
+    from alip.data.loaders.config import LoaderConfig
+    from alip.data.loaders.dali import DaliLoader
 
     config = LoaderConfig(batch_size=256, image_size=8, num_threads=1, num_workers=0)
     mark["base"] = _rss()
@@ -336,13 +336,13 @@ def _score(n: int, folder: Path, mark: dict) -> None:
     import torch
 
     import alip
-    from alip import score
-    from alip.data import schema
+    from alip.data.format import schema
+    from alip.score import ranking, signals
 
     infos = schema.resolve_shards(folder / "train.meta.json")
     counts = np.array([i.records for i in infos])
 
-    class Records:  # what _ranked_rows asks of the RecordDataset: its length and each record's shard
+    class Records:  # what ranked_rows asks of the RecordDataset: its length and each record's shard
         def __init__(self) -> None:
             self._shard_ids = np.repeat(np.arange(len(counts)), counts)  # as RecordDataset holds them
 
@@ -357,14 +357,14 @@ def _score(n: int, folder: Path, mark: dict) -> None:
     sims = rng.uniform(-0.1, 0.5, size=(n, 3)).astype(np.float32)  # [N, 3] what the model would give
     mark["base"] = _rss()
     t0 = time.perf_counter()
-    warnings = score._Warnings()
-    texts = score._shard_texts(infos, warnings)
+    warnings = signals.Warnings()
+    texts = signals.shard_texts(infos, warnings)
     s = torch.from_numpy(sims)
     weights = alip.gate_weights(s[:, 0], s[:, 1], s[:, 2], 0.2, 0.2, 0.2, 2.0, "official")
     w = torch.stack([weights.sample, weights.raw, weights.caption], dim=1).numpy()
-    rows, _ = score._ranked_rows(Records(), keys, sims, w, texts, warnings)
+    rows, _ = ranking.ranked_rows(Records(), keys, sims, w, texts, warnings)
     with tempfile.TemporaryDirectory() as tmp:
-        score.ScoreResult(rows, {"records": n}).write(Path(tmp) / "scores.csv")
+        ranking.ScoreResult(rows, {"records": n}).write(Path(tmp) / "scores.csv")
     mark["seconds"] = time.perf_counter() - t0
 
 

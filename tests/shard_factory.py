@@ -1,6 +1,6 @@
 """Small shards in the real on-disk format for loader tests: real photos (skimage.data), known tokens.
 
-Written with alip.data.recordio + alip.data.schema directly (not through data2rec), so loader tests
+Written with alip.data.format.recordio + alip.data.format.schema directly (not through data2rec), so loader tests
 do not depend on the converter.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-from alip.data import schema
-from alip.data.recordio import RecordIOWriter
+from alip.data.format import schema
+from alip.data.format.recordio import RecordIOWriter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mxnet"
 OFFICIAL_REC = FIXTURES / "alip_official.rec"  # written by MXNet 1.9.1 in the original release's layout
@@ -87,7 +87,7 @@ def write_test_shards(out_dir: Path, num_records: int = 24, per_shard: int = 10,
 def read_packed(meta_path: str | Path, by: str) -> dict[str, tuple]:
     """{texts-sidecar entry[by]: (record key, raw ids [77], caption ids [77], jpeg, entry)} over all
     shards of a data2rec output, each shard fully checked and its sidecar matched record by record."""
-    from alip.data.recordio import RecordIOReader, check_shard
+    from alip.data.format.recordio import RecordIOReader, check_shard
 
     out = {}
     for shard in schema.resolve_shards(meta_path):

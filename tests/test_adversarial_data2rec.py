@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 from shard_factory import PHOTOS, jpeg_bytes, photo
 
-from alip.data import schema
-from alip.data.convert import ConvertOptions, convert
-from alip.data.images import BadImage, prepare_image
-from alip.data.shard_plan import index_inputs, plan_shards
-from alip.data.sources import Columns, InputError
+from alip.data.format import schema
+from alip.data.format.images import BadImage, prepare_image
+from alip.data.ingest.convert import ConvertOptions, convert
+from alip.data.ingest.shard_plan import index_inputs, plan_shards
+from alip.data.ingest.sources import Columns, InputError
 from alip.files import FolderLock
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ from test_eval_formats import (
 from torchvision.transforms import ToTensor
 
 import alip.eval.__main__ as eval_cli
-from alip.eval.datasets import DatasetError, load_classification, load_retrieval
+from alip.eval.datasets import DatasetError, load_classification
+from alip.eval.retrieval_formats import load_retrieval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--model", "ALIP-Tiny", "--workers", "0", "--batch-size", "8", "--log-level", "WARNING"]

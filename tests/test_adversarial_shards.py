@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alip.data import schema
-from alip.data.loader_config import LoaderConfig, prepare_shards
-from alip.data.recordio import IR_SIZE, RecordIOError, read_idx
-from alip.data.torch_loader import TorchLoader
+from alip.data.format import schema
+from alip.data.format.recordio import IR_SIZE, RecordIOError, read_idx
+from alip.data.loaders.config import LoaderConfig
+from alip.data.loaders.preflight import prepare_shards
+from alip.data.loaders.torch_loader import TorchLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_AT = IR_SIZE + 4 * schema.LABEL_LENGTH  # the JPEG follows the IRHeader and the 154 floats
@@ -84,7 +85,7 @@ def test_torch_loader_names_the_shard_and_record_of_a_bad_token(shards, tmp_path
 
 def test_dali_loader_names_the_shard_and_record_of_a_bad_token(shards, tmp_path):
     pytest.importorskip("nvidia.dali")
-    from alip.data.dali import DaliLoader
+    from alip.data.loaders.dali import DaliLoader
 
     meta, rec = damaged_copy(shards, tmp_path / "s", 13, label_at(78), np.float32(-1003.0).tobytes())
     loader = DaliLoader(meta, config(), train=False, device="cpu")
@@ -98,7 +99,7 @@ def test_dali_loader_names_the_shard_and_record_of_a_bad_token(shards, tmp_path)
 
 def test_dali_decode_failure_names_the_shards_and_the_deep_check(shards, tmp_path):
     pytest.importorskip("nvidia.dali")
-    from alip.data.dali import DaliLoader
+    from alip.data.loaders.dali import DaliLoader
 
     meta, rec = damaged_copy(shards, tmp_path / "s", 13, IMAGE_AT, NOT_A_JPEG)
     loader = DaliLoader(meta, config(), train=False, device="cpu")

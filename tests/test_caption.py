@@ -32,12 +32,12 @@ from alip.caption.sidecar import (
     read_sidecar,
 )
 from alip.cli import guarded
-from alip.data import schema
-from alip.data.convert import ConvertOptions, convert
-from alip.data.images import decode_image
-from alip.data.loader_config import prepare_dataset
-from alip.data.recordio import RecordIOReader
-from alip.data.sources import read_caption_sidecar, read_sidecar_header
+from alip.data.format import schema
+from alip.data.format.images import decode_image
+from alip.data.format.recordio import RecordIOReader
+from alip.data.ingest.convert import ConvertOptions, convert
+from alip.data.ingest.sources import read_caption_sidecar, read_sidecar_header
+from alip.data.loaders.preflight import prepare_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (

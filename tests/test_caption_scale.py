@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from shard_factory import memory_per_row
 
+from alip import columns
 from alip.caption import run, sidecar
 from alip.caption.run import CaptionOptions, SampleKeys, _ImageDataset, start_work
 from alip.caption.sidecar import (
@@ -25,9 +26,9 @@ from alip.caption.sidecar import (
     read_sidecar,
     write_sidecar,
 )
-from alip.data import sample_index, shard_plan
-from alip.data.sample_index import SampleIndex
-from alip.data.sources import SourceSample
+from alip.data.ingest import sample_index, shard_plan
+from alip.data.ingest.sample_index import SampleIndex
+from alip.data.ingest.sources import SourceSample
 
 SETTINGS = {"model": "synthetic"}
 
@@ -67,7 +68,7 @@ def _opts(out: Path) -> CaptionOptions:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Rows made Python objects at a time: at 20k rows, the default 8192 would dominate the peaks."""
-    for module in (sample_index, shard_plan, run, sidecar):
+    for module in (columns, sample_index, shard_plan, run, sidecar):
         monkeypatch.setattr(module, "CHUNK", 512)
 
 

@@ -1,4 +1,4 @@
-"""alip.data.dali.DaliLoader on the CPU: record contents, sharding, resume, bad shards, bad inputs."""
+"""alip.data.loaders.dali.DaliLoader on the CPU: record contents, sharding, resume, bad shards, bad inputs."""
 
 import io
 import math
@@ -13,10 +13,10 @@ from PIL import Image
 from shard_factory import OFFICIAL, OFFICIAL_REC, assert_same_batches, jpeg_bytes, photo, take_batches
 from torchvision.transforms import functional as F
 
-from alip.data import schema
-from alip.data.dali import DaliLoader
-from alip.data.loader_config import LoaderConfig
-from alip.data.recordio import MAGIC, RecordIOError, RecordIOReader, RecordIOWriter, read_idx
+from alip.data.format import schema
+from alip.data.format.recordio import MAGIC, RecordIOError, RecordIOReader, RecordIOWriter, read_idx
+from alip.data.loaders.config import LoaderConfig
+from alip.data.loaders.dali import DaliLoader
 
 
 def config(**kw) -> LoaderConfig:
@@ -164,7 +164,7 @@ def test_state_from_another_rank_is_refused(shards):
 @pytest.mark.parametrize("train", [True, False])
 def test_shuffle_buffer_reaches_the_reader(shards, monkeypatch, train):
     """data.shuffle_buffer is DALI's initial_fill (the release: 16384). The torch loader has no buffer:
-    it draws a full permutation per epoch (alip.data.torch_loader)."""
+    it draws a full permutation per epoch (alip.data.loaders.torch_loader)."""
     from nvidia.dali import fn
 
     calls = []

@@ -1,4 +1,4 @@
-"""tools/data2rec.py and alip.data.convert on small real inputs with planted bad ones."""
+"""tools/data2rec.py and alip.data.ingest.convert on small real inputs with planted bad ones."""
 
 import hashlib
 import io
@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from shard_factory import PHOTOS, jpeg_bytes, photo, read_packed
 
-from alip.data import schema
-from alip.data.convert import ConvertOptions, convert
-from alip.data.sources import Columns, InputError
+from alip.data.format import schema
+from alip.data.ingest.convert import ConvertOptions, convert
+from alip.data.ingest.sources import Columns, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
@@ -268,8 +268,8 @@ def test_rerun_with_other_inputs_refuses_to_mix_plans(planted, tmp_path):
 
 
 def test_dali_reads_the_shards_of_a_run_with_planted_bad_inputs_end_to_end(planted, tmp_path):
-    from alip.data.dali import DaliLoader
-    from alip.data.loader_config import LoaderConfig
+    from alip.data.loaders.config import LoaderConfig
+    from alip.data.loaders.dali import DaliLoader
 
     manifest, img, bad, rows = planted
     report = convert([manifest], opts_for(tmp_path, image_root=img, shard_records=5, max_pixels=5_000_000))
@@ -324,7 +324,7 @@ def test_every_manifest_format_and_a_parquet_sidecar(planted, tmp_path, fmt):
 
 
 def test_pil_own_bomb_guard_is_reported_and_not_disabled():
-    from alip.data.images import BadImage, prepare_image
+    from alip.data.format.images import BadImage, prepare_image
 
     buf = io.BytesIO()
     Image.new("1", (15000, 13000)).save(buf, format="PNG")  # 195 Mpx: over PIL's 2 x MAX_IMAGE_PIXELS

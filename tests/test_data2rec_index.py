@@ -17,10 +17,19 @@ import numpy as np
 import pytest
 from shard_factory import memory_per_row
 
-from alip.data import sample_index, shard_plan, sources
-from alip.data.sample_index import CaptionTable, SampleIndex, StringColumn, StringColumnBuilder
-from alip.data.shard_plan import ConvertOptions, index_inputs, plan_fingerprint, plan_shards, shard_stamp, stat_images
-from alip.data.sources import Columns, SourceSample, manifest_samples, read_caption_sidecar
+from alip import columns
+from alip.columns import StringColumn, StringColumnBuilder
+from alip.data.ingest import sample_index, shard_plan, sources
+from alip.data.ingest.sample_index import CaptionTable, SampleIndex
+from alip.data.ingest.shard_plan import (
+    ConvertOptions,
+    index_inputs,
+    plan_fingerprint,
+    plan_shards,
+    shard_stamp,
+    stat_images,
+)
+from alip.data.ingest.sources import Columns, SourceSample, manifest_samples, read_caption_sidecar
 
 
 def _text(i: int, words: int) -> str:
@@ -73,7 +82,11 @@ def test_index_join_and_plan_memorymemory_per_row(tmp_path, monkeypatch):
     bytes a row indexing, 1060 joining a caption sidecar, 890 planning (130 over the index). At 20k rows a
     chunk of 8192 rows of Python strings adds ~150 bytes a row to each peak; at 1M it is gone."""
     n = 20_000
-    for module in (sample_index, shard_plan):  # rows made Python objects at a time: at 20k rows, 8192 would dominate
+    for module in (
+        columns,
+        sample_index,
+        shard_plan,
+    ):  # rows made Python objects at a time: at 20k rows, 8192 would dominate
         monkeypatch.setattr(module, "CHUNK", 512)
     manifest, nocap, sidecar = write_manifests(tmp_path / "in", n)
     index_opts = opts_for(tmp_path, columns=Columns(key="key", caption="caption"))

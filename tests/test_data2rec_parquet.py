@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from shard_factory import PHOTOS, jpeg_bytes, photo, read_packed
 
-from alip.data import schema
-from alip.data.convert import ConvertOptions, convert
-from alip.data.sources import Columns, InputError
-from alip.data.typed_columns import BadTokens, check_token_ids
+from alip.data.format import schema
+from alip.data.ingest.convert import ConvertOptions, convert
+from alip.data.ingest.sources import Columns, InputError
+from alip.data.ingest.typed_columns import BadTokens, check_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
@@ -316,7 +316,7 @@ def test_workers_in_processes_read_row_groups_and_the_npy(hub_parquet, tmp_path)
 @pytest.mark.parametrize("image_col", ["image", "jpg"])
 def test_parquet_is_read_by_row_group_and_the_index_never_reads_images(hub_parquet, tmp_path, monkeypatch, image_col):
     """Indexing reads only the cheap columns; the workers read their rows by row group, never a whole file."""
-    from alip.data.shard_plan import index_inputs
+    from alip.data.ingest.shard_plan import index_inputs
 
     path, rows = hub_parquet
 

@@ -104,7 +104,8 @@ def test_images_and_test_sets(small):
 
 
 def test_the_evaluators_read_the_test_sets(small):
-    from alip.eval.datasets import load_classification, load_retrieval
+    from alip.eval.datasets import load_classification
+    from alip.eval.retrieval_formats import load_retrieval
 
     cls = load_classification("shapes", small.zeroshot, "test", None)
     assert len(cls) == 48 and cls.templates == list(demo.ZEROSHOT_TEMPLATES)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from alip.data import schema
-from alip.data.sources import read_caption_sidecar
+from alip.data.format import schema
+from alip.data.ingest.sources import read_caption_sidecar
 from alip.demo import data as demo
 from alip.demo.__main__ import DemoOptionError, build_parser, demo_spec
 from alip.demo.data import ATTRIBUTES, DemoSpec, mentioned_scene, write_dataset

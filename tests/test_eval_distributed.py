@@ -9,9 +9,10 @@ from dist_harness import join_rank_env, run_ranks
 from test_eval_formats import CIFAR10_CLASSES, write_imagefolder, write_karpathy
 
 import alip
-from alip.eval.datasets import load_classification, load_retrieval
+from alip.eval.datasets import load_classification
 from alip.eval.features import TensorRows, extract_features
 from alip.eval.retrieval import evaluate_retrieval, retrieval_features
+from alip.eval.retrieval_formats import load_retrieval
 from alip.eval.zeroshot import evaluate_zeroshot
 
 WORLD = 2

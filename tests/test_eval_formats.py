@@ -21,8 +21,9 @@ from torch import nn
 from torchvision.transforms import ToTensor
 
 import alip
-from alip.eval.datasets import DatasetNotFoundError, load_classification, load_retrieval
+from alip.eval.datasets import DatasetNotFoundError, load_classification
 from alip.eval.retrieval import evaluate_retrieval
+from alip.eval.retrieval_formats import load_retrieval
 from alip.eval.zeroshot import evaluate_zeroshot
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -19,17 +19,18 @@ from PIL import Image
 from shard_factory import PHOTOS, jpeg_bytes, photo
 
 import alip
-from alip.data.convert import ConvertOptions, convert
-from alip.data.dali import DaliLoader
-from alip.data.loader_config import LoaderConfig, prepare_shards
-from alip.data.recordio import RecordIOReader
-from alip.data.sources import Columns
-from alip.data.torch_loader import TorchLoader
+from alip.data.format.recordio import RecordIOReader
+from alip.data.ingest.convert import ConvertOptions, convert
+from alip.data.ingest.sources import Columns
+from alip.data.loaders.config import LoaderConfig
+from alip.data.loaders.dali import DaliLoader
+from alip.data.loaders.preflight import prepare_shards
+from alip.data.loaders.torch_loader import TorchLoader
 from alip.files import sha256_file
-from alip.filter import REASONS, FilterInputError, Rule, decide, filter_shards, gmm_clean
-from alip.filter import cli as filter_cli
-from alip.filter import main as filter_main
-from alip.score import score_shards
+from alip.score import filter_shards, score_shards
+from alip.score.filter import cli as filter_cli
+from alip.score.filter import main as filter_main
+from alip.score.rule import REASONS, FilterInputError, Rule, decide, gmm_clean
 
 NUM_RECORDS = 16
 PLANTED = {2: "IMG_0042.JPG", 7: "#love #art", 11: "DSC00017.jpg", 13: "a bowl of soup on a wooden table"}

@@ -90,8 +90,8 @@ def test_eval_features_and_linear_probe_on_cuda():
 
 def test_dali_mixed_decode_matches_cpu_decode(shards):
     pytest.importorskip("nvidia.dali")
-    from alip.data.dali import DaliLoader
-    from alip.data.loader_config import LoaderConfig
+    from alip.data.loaders.config import LoaderConfig
+    from alip.data.loaders.dali import DaliLoader
 
     config = LoaderConfig(batch_size=8, image_size=64, num_threads=2)
     cpu = next(iter(DaliLoader(shards.meta, config, train=False, device="cpu")))
@@ -108,8 +108,8 @@ def test_dali_gpu_decode_failure_names_the_shards_and_the_deep_check(shards, tmp
     pytest.importorskip("nvidia.dali")
     from test_adversarial_shards import IMAGE_AT, NOT_A_JPEG, config, damaged_copy
 
-    from alip.data.dali import DaliLoader
-    from alip.data.recordio import RecordIOError
+    from alip.data.format.recordio import RecordIOError
+    from alip.data.loaders.dali import DaliLoader
 
     meta, rec = damaged_copy(shards, tmp_path / "s", 13, IMAGE_AT, NOT_A_JPEG)
     loader = DaliLoader(meta, config(), train=False, device="cuda")

@@ -19,10 +19,11 @@ from shard_factory import assert_same_batches, take_batches, write_test_shards
 from torchvision import transforms as T
 
 from alip.config import RunShape, load_config
-from alip.data import loader_config, schema
-from alip.data.loader_config import LoaderConfig, fill_rows, rank_part
-from alip.data.recordio import RecordIOWriter
-from alip.data.torch_loader import TorchLoader, build_transform, crop_window
+from alip.data.format import schema
+from alip.data.format.recordio import RecordIOWriter
+from alip.data.loaders import config as loader_config
+from alip.data.loaders.config import LoaderConfig, fill_rows, rank_part
+from alip.data.loaders.torch_loader import TorchLoader, build_transform, crop_window
 from alip.train.trainer import build_loader
 
 RECORDS, BATCH, WORLD = 23, 4, 2
@@ -36,7 +37,7 @@ def odd(tmp_path_factory):
 
 def loader_class(kind):
     if kind == "dali":
-        from alip.data.dali import DaliLoader
+        from alip.data.loaders.dali import DaliLoader
 
         return DaliLoader
     return TorchLoader
@@ -194,7 +195,7 @@ def test_fill_after_a_dali_resume_still_holds_no_copies(request, data, consumed,
     """Rank 0 reads part 0 in epoch 0, 11 records of 23 (its last batch: 3 of its own and 1 fill row) or
     8 of 17 (4 fill rows). A resume keeps the fill rows from the first batch it reads; one that lands on
     the last batch reads a fresh pipeline. Every batch but that last one is the uninterrupted run's."""
-    from alip.data.dali import DaliLoader
+    from alip.data.loaders.dali import DaliLoader
 
     shards = request.getfixturevalue(data)
     part = rank_part(len(shards.keys), WORLD, 0)[1]
@@ -222,7 +223,7 @@ def test_fill_after_a_dali_resume_still_holds_no_copies(request, data, consumed,
 def test_dali_fill_fallback_takes_no_record_of_the_last_batch(odd):
     """The fallback reads a fresh pipeline's first batch of the part (same seed: the same batch every
     time) and skips the records the last batch holds already, named by .rec path and byte offset."""
-    from alip.data.dali import DaliLoader
+    from alip.data.loaders.dali import DaliLoader
 
     loader = DaliLoader(odd.meta, config(last_batch="fill"), train=True, rank=0, world_size=WORLD, device="cpu")
     fresh = loader._next(loader._build(first_part=0))  # what the fallback will read
@@ -242,7 +243,7 @@ def test_fill_refuses_a_part_smaller_than_one_batch(odd, kind):
 
 def test_pad_warns_once_that_it_repeats_samples(odd, caplog, monkeypatch):
     monkeypatch.setattr(loader_config, "_pad_warned", False)
-    with caplog.at_level("WARNING", logger="alip.data.loader_config"):
+    with caplog.at_level("WARNING", logger="alip.data.loaders.config"):
         ranks("torch", odd.meta, train=True, last_batch="pad")
         ranks("torch", odd.meta, train=True, last_batch="fill")
     warned = [r.getMessage() for r in caplog.records if "repeats samples within a batch" in r.getMessage()]
@@ -302,7 +303,7 @@ def test_dali_crop_takes_the_configured_attempts(tmp_path):
     """Count identical outputs of one 3:2 photo: with ratios up to 1.5 the fallback window is the
     whole image, the same pixels every time (DALI places a smaller fallback window at random)."""
     pytest.importorskip("nvidia.dali")
-    from alip.data.dali import DaliLoader
+    from alip.data.loaders.dali import DaliLoader
 
     rng = np.random.default_rng(0)
     image = (rng.random((H // 8, W // 8, 3)) * 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)  # [400, 600, 3]
@@ -318,7 +319,15 @@ def test_dali_crop_takes_the_configured_attempts(tmp_path):
     def most_repeated(attempts):
         # Area >= 0.9 fits a 3:2 photo only for ratios >= 1.35: one draw in 12 fits, as with the defaults.
         area, ratio = (0.9, 1.0), (0.8, 1.5)
-        cfg = LoaderConfig(64, 16, area, ratio, flip_prob=0.0, num_threads=1, crop_attempts=attempts)
+        cfg = LoaderConfig(
+            batch_size=64,
+            image_size=16,
+            random_area=area,
+            random_aspect_ratio=ratio,
+            flip_prob=0.0,
+            num_threads=1,
+            crop_attempts=attempts,
+        )
         images = next(iter(DaliLoader(rec, cfg, train=True, device="cpu")))["image"]
         return Counter(bytes(img.numpy().tobytes()) for img in images).most_common(1)[0][1]
 

@@ -19,11 +19,12 @@ import torch
 from shard_factory import PHOTOS, jpeg_bytes, photo
 
 from alip.config import ConfigError, RunShape, load_config
-from alip.data import schema
-from alip.data.convert import ConvertOptions, convert
-from alip.data.loader_config import LoaderConfig, prepare_dataset, prepare_shards
-from alip.data.recordio import RecordIOError, RecordIOWriter
-from alip.data.sources import CaptionSource, Columns
+from alip.data.format import schema
+from alip.data.format.recordio import RecordIOError, RecordIOWriter
+from alip.data.ingest.convert import ConvertOptions, convert
+from alip.data.ingest.sources import CaptionSource, Columns
+from alip.data.loaders.config import LoaderConfig
+from alip.data.loaders.preflight import prepare_dataset, prepare_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
@@ -130,7 +131,7 @@ def test_records_hold_every_slot_and_the_preflight_passes(packed):
     meta_path, expected = packed
     shards, slots = prepare_dataset(meta_path, full=True)
     assert slots.names == tuple(TEXTS) and sum(s.num_records for s in shards) == NUM - 1
-    from alip.data.recordio import RecordIOReader
+    from alip.data.format.recordio import RecordIOReader
 
     for shard in shards:
         with RecordIOReader(shard.rec_path, shard.idx_path) as reader:
@@ -168,7 +169,7 @@ def _check_batches(batches, expected) -> int:
 
 
 def test_torch_loader_yields_k_captions(packed, one_thread):
-    from alip.data.torch_loader import TorchLoader
+    from alip.data.loaders.torch_loader import TorchLoader
 
     meta_path, expected = packed
     config = LoaderConfig(batch_size=2, image_size=32, num_workers=0)
@@ -179,7 +180,7 @@ def test_torch_loader_yields_k_captions(packed, one_thread):
 
 
 def test_dali_loader_yields_k_captions(packed):
-    from alip.data.dali import DaliLoader
+    from alip.data.loaders.dali import DaliLoader
 
     meta_path, expected = packed
     config = LoaderConfig(batch_size=4, image_size=32, num_threads=1)
@@ -300,7 +301,7 @@ def test_shards_without_meta_take_k_from_the_header_and_must_agree(tmp_path):
     other, _ = write_k_shard(tmp_path / "k2", "x-00001", k=1)
     with pytest.raises(RecordIOError, match=r"x-00001\.rec: records have 1 caption slot.*but .*x-00000\.rec has 2"):
         prepare_dataset(str(tmp_path / "k2" / "x-*.rec"))
-    from alip.data.torch_loader import TorchLoader
+    from alip.data.loaders.torch_loader import TorchLoader
 
     loader = TorchLoader(rec, LoaderConfig(batch_size=3, image_size=16, num_workers=0), train=False, device="cpu")
     batch = next(iter(loader))
@@ -375,7 +376,7 @@ def test_token_id_columns_fill_a_slot(tmp_path):
     report = convert([manifest], opts)
     assert report.num_records == NUM
     checks, slots = prepare_dataset(report.meta_path)
-    from alip.data.recordio import RecordIOReader
+    from alip.data.format.recordio import RecordIOReader
 
     by_raw = {tuple(ids(r["text"])): r for r in rows()}
     for shard in checks:
@@ -412,7 +413,7 @@ def test_the_published_yfcc15m_form_gives_named_slots_from_the_token_column(tmp_
     meta = json.loads((out / "train.meta.json").read_text())
     assert meta["texts"] == ["raw", "ofa", "llm"] and meta["num_records"] == 4
     checks, slots = prepare_dataset(out / "train.meta.json")
-    from alip.data.recordio import RecordIOReader
+    from alip.data.format.recordio import RecordIOReader
 
     with RecordIOReader(checks[0].rec_path, checks[0].idx_path) as reader:
         for _, record in reader:

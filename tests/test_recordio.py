@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alip.data import recordio as rio
-from alip.data import schema
+from alip.data.format import recordio as rio
+from alip.data.format import schema
 
 FIX = Path(__file__).parent / "fixtures" / "mxnet"
 MAGIC = struct.pack("<I", rio.MAGIC)

@@ -29,8 +29,8 @@ from dist_harness import join_rank_env, run_ranks
 from shard_factory import write_test_shards
 
 from alip.config import ConfigError, load_config, to_dict, validate
-from alip.data.loader_config import LoaderConfig, steps_per_epoch
-from alip.data.torch_loader import TorchLoader
+from alip.data.loaders.config import LoaderConfig, steps_per_epoch
+from alip.data.loaders.torch_loader import TorchLoader
 from alip.model import CheckpointError
 from alip.train.checkpoint import load_training_state, save_checkpoint
 from alip.train.resume import check_resume
@@ -504,7 +504,7 @@ def test_dali_restarts_the_epoch_on_another_world_size(shards, epoch):
     beginning on the new ranks, rank r reading part (r + epoch) % W as an uninterrupted run would, and a
     later resume on the new world size is exact again."""
     pytest.importorskip("nvidia.dali")
-    from alip.data.dali import DaliLoader
+    from alip.data.loaders.dali import DaliLoader
 
     def dali(rank, world, batch):
         cfg = LoaderConfig(batch_size=batch, image_size=32, num_threads=1, shuffle_buffer=8)

@@ -16,11 +16,12 @@ import pytest
 from shard_factory import FIXTURES
 
 from alip.config import Config
-from alip.data import recordio as rio
-from alip.data import schema
-from alip.data.loader_config import LoaderConfig, prepare_shards
-from alip.data.recordio import RecordIOError, quick_check_shard, read_idx, read_idx_arrays
-from alip.data.torch_loader import TorchLoader
+from alip.data.format import recordio as rio
+from alip.data.format import schema
+from alip.data.format.recordio import RecordIOError, quick_check_shard, read_idx, read_idx_arrays
+from alip.data.loaders.config import LoaderConfig
+from alip.data.loaders.preflight import prepare_shards
+from alip.data.loaders.torch_loader import TorchLoader
 from alip.train.resume import applies_on_resume
 
 
@@ -156,7 +157,7 @@ def test_full_check_is_a_start_up_option(tmp_path):
 
 
 def test_duplicate_keys_compares_only_colliding_hashes():
-    from alip.data.shard_plan import duplicate_keys
+    from alip.data.ingest.shard_plan import duplicate_keys
 
     assert duplicate_keys([]) == [] and duplicate_keys(["a"]) == []
     keys = [f"k{i}" for i in range(1000)] + ["k7", "k999", "k7"]

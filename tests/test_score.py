@@ -17,10 +17,10 @@ from PIL import Image
 from shard_factory import PHOTOS, jpeg_bytes, photo, write_test_shards
 
 import alip
-from alip.data import schema
-from alip.data.convert import ConvertOptions, convert
-from alip.data.recordio import RecordIOReader
-from alip.data.sources import Columns
+from alip.data.format import schema
+from alip.data.format.recordio import RecordIOReader
+from alip.data.ingest.convert import ConvertOptions, convert
+from alip.data.ingest.sources import Columns
 from alip.score import BASE_COLUMNS, cli, main, read_truth, roc_auc, score_shards
 
 NUM_RECORDS = 16

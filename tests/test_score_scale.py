@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from shard_factory import memory_per_row
 
-from alip.data import sample_index
-from alip.score import BASE_COLUMNS, SIMILARITIES, ScoreResult, _ranked_rows, _shard_texts, ranking, signals, truth
-from alip.score.common import _Warnings
-from alip.score.truth import TRUTH_COLUMNS, _join_truth
+from alip import columns
+from alip.data.ingest import sample_index
+from alip.score import ranking, signals
+from alip.score.ranking import BASE_COLUMNS, SIMILARITIES, TRUTH_COLUMNS, ScoreResult, join_truth, ranked_rows
+from alip.score.signals import Warnings, shard_texts
 
 
 def _text(i: int, words: int) -> str:
@@ -24,7 +25,7 @@ def _text(i: int, words: int) -> str:
 
 
 class Records:
-    """What `_ranked_rows` asks of a RecordDataset: its length and each record's shard."""
+    """What `ranked_rows` asks of a RecordDataset: its length and each record's shard."""
 
     def __init__(self, counts: list[int]) -> None:
         self._shard_ids = np.repeat(np.arange(len(counts)), counts)
@@ -120,7 +121,7 @@ def reference(infos, counts, keys, sims, w, truth_map, out: Path) -> None:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Rows made Python objects at a time: at 20k rows, the default 8192 would dominate the peaks."""
-    for module in (sample_index, signals, ranking, truth):
+    for module in (columns, sample_index, signals, ranking):
         monkeypatch.setattr(module, "CHUNK", 512)
 
 
@@ -136,8 +137,8 @@ def test_ranking_memory_per_row(tmp_path, small_chunks):
     records = Records(counts)
 
     def rank_and_write():
-        warnings = _Warnings()
-        rows, with_text = _ranked_rows(records, keys, sims, w, _shard_texts(infos, warnings), warnings)
+        warnings = Warnings()
+        rows, with_text = ranked_rows(records, keys, sims, w, shard_texts(infos, warnings), warnings)
         ScoreResult(rows, {"records": n}).write(tmp_path / "scores.csv")
         assert with_text == n and not warnings
         return rows
@@ -160,9 +161,9 @@ def test_csv_and_truth_as_the_dict_per_row_code(tmp_path, small_chunks):
     keys, sims, w = signals_of(n, ties=True)
     kinds = ["swap", "unspecified", None, "filename"]
     truth_map = {f"k{i}": (i % 2 == 0, kinds[i // 6 % 4] if i % 2 == 0 else None) for i in range(0, n + 50, 3)}
-    warnings = _Warnings()
-    rows, with_text = _ranked_rows(Records(counts), keys, sims, w, _shard_texts(infos, warnings), warnings)
-    report = _join_truth(rows, truth_map, "truth.jsonl", no_texts=False, warnings=warnings)
+    warnings = Warnings()
+    rows, with_text = ranked_rows(Records(counts), keys, sims, w, shard_texts(infos, warnings), warnings)
+    report = join_truth(rows, truth_map, "truth.jsonl", no_texts=False, warnings=warnings)
     ScoreResult(rows, {}, [*BASE_COLUMNS, *TRUTH_COLUMNS]).write(tmp_path / "scores.csv")
     reference(infos, counts, keys, sims, w, truth_map, tmp_path / "expected.csv")
     assert (tmp_path / "scores.csv").read_bytes() == (tmp_path / "expected.csv").read_bytes()

@@ -187,3 +187,13 @@ def test_trainer_compiles_the_towers_when_trimming(trim, tmp_path):
         trainer.loader.close()
         trainer.logger.close()
         torch.use_deterministic_algorithms(False)  # the tiny config switches it on process-wide
+
+
+def test_the_library_default_is_the_trainers_trimming():
+    """`alip.BiPathCLIP(model)` trims as the trainer does by default (config model.text_trim): exact, and cheaper."""
+    from alip.config import ModelConfig
+
+    model, _, _ = alip.create_model(NAME)
+    net = alip.BiPathCLIP(model)
+    assert net.text_trim == ModelConfig().text_trim == "buckets"
+    assert net.text_buckets == ModelConfig().text_buckets

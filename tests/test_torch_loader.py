@@ -1,4 +1,4 @@
-"""alip.data.torch_loader.TorchLoader (the DALI-free fallback) and LoaderConfig."""
+"""alip.data.loaders.torch_loader.TorchLoader (the DALI-free fallback) and LoaderConfig."""
 
 import io
 import subprocess
@@ -11,10 +11,10 @@ from PIL import Image
 from shard_factory import OFFICIAL, OFFICIAL_REC, photo
 from torchvision import transforms as T
 
-from alip.data import schema
-from alip.data.loader_config import LoaderConfig, steps_per_epoch
-from alip.data.recordio import RecordIOError, RecordIOWriter
-from alip.data.torch_loader import TorchLoader
+from alip.data.format import schema
+from alip.data.format.recordio import RecordIOError, RecordIOWriter
+from alip.data.loaders.config import LoaderConfig, steps_per_epoch
+from alip.data.loaders.torch_loader import TorchLoader
 
 
 def config(**kw) -> LoaderConfig:
@@ -151,9 +151,9 @@ def test_loader_config_rejects_bad_values(kw, match):
 
 def test_config_and_fallback_import_neither_dali_nor_torchvision_needlessly():
     code = (
-        "import sys, alip.data, alip.data.loader_config, alip.data.recordio, alip.data.schema\n"
+        "import sys, alip.data, alip.data.loaders.config, alip.data.format.recordio, alip.data.format.schema\n"
         "assert 'torchvision' not in sys.modules, 'loader_config imports torchvision'\n"
-        "import alip.data.torch_loader\n"
+        "import alip.data.loaders.torch_loader\n"
         "assert not [m for m in sys.modules if m.startswith('nvidia.dali')], 'DALI imported'\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -128,3 +128,50 @@ def test_peak_table_tells_h100_variants_apart():
 
     assert peak_tflops("NVIDIA H100 NVL") == 835.5  # not the SXM part's 989.4: "H100" also matches it
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+
+
+STEP_METRICS = {
+    "train/step": 2,
+    "train/total_steps": 4,
+    "train/samples_per_s_per_rank": 1.0,
+    "train/samples_per_s": 1.0,
+    "train/data_wait_s": 0.0,
+    "train/eta_s": 1.0,
+    "train/logit_scale": 2.66,
+    "train/grad_norm": 0.5,
+    "train/loss_scale": 1.0,
+    "train/skipped_steps": 0,
+}
+
+
+@pytest.mark.parametrize(
+    ("objective", "metrics", "shown", "absent"),
+    [
+        ({"use_caption": False}, {"train/loss": 2.0, "train/loss_raw": 2.0}, ["loss 2.0000 |"], ["caption", "gates"]),
+        (
+            {"use_caption": True, "use_gates": False},
+            {"train/loss": 3.0, "train/loss_raw": 2.0, "train/loss_caption": 1.0},
+            ["loss 3.0000 (raw 2.0000, caption 1.0000)"],
+            ["gates"],
+        ),
+        (
+            {"use_caption": True, "use_gates": True},
+            {"train/loss": 3.0, "train/loss_raw": 2.0, "train/loss_caption": 1.0}
+            | {f"train/gate/weight_{w}_mean": 0.5 for w in ("sample", "raw", "caption")},
+            ["(raw 2.0000, caption 1.0000)", "gates s 0.500 t 0.500 c 0.500"],
+            [],
+        ),
+    ],
+    ids=["clip", "alip_no_gates", "alip"],
+)
+def test_the_step_line_prints_only_what_the_objective_computes(tmp_path, caplog, objective, metrics, shown, absent):
+    """A CLIP run has no caption term and no gates: its step line says neither (no `caption nan`, `c nan`)."""
+    from alip.config import LogConfig
+    from alip.train.logger import TrainLogger
+
+    log = TrainLogger(LogConfig(tensorboard=False), tmp_path, is_main=True, run_config={"loss": objective})
+    with caplog.at_level("INFO", logger="alip.train"):
+        log.log(2, {**STEP_METRICS, **metrics})
+    line = caplog.records[-1].getMessage()
+    assert "nan" not in line and all(s in line for s in shown) and not [a for a in absent if a in line], line
+    log.close()

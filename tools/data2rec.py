@@ -11,7 +11,7 @@ column may hold the images themselves (binary, or the `datasets` Image struct {b
 text columns may hold CLIP token ids (list<int>, or fixed 77-id rows); the kind is read from the
 column's type. `--show-schema INPUT` lists the columns, their kinds and the flags that pack them.
 Such rows are read by row group when their shard is written, and the shuffle mixes whole row
-groups (see alip.data.convert). --tokens-col NAME reads both texts from one column of 77-id texts
+groups (see alip.data.ingest.convert). --tokens-col NAME reads both texts from one column of 77-id texts
 end to end, a record label's layout (the published YFCC15M's `texts`); --token-slots picks which
 77-id texts are the raw text and the caption (default 0,1). --tokens-npy FILE supplies them by
 row order instead: an .npy of [N, 154] (raw text and caption) or [N, 77] (raw text), integer or
@@ -65,9 +65,9 @@ import sys
 from pathlib import Path
 
 from alip.cli import add_debug_flag, guarded
-from alip.data import sources, typed_columns
-from alip.data.convert import ConvertOptions, convert
-from alip.data.sources import CaptionSource, Columns
+from alip.data.ingest import sources, typed_columns
+from alip.data.ingest.convert import ConvertOptions, convert
+from alip.data.ingest.sources import CaptionSource, Columns
 
 # NAME=SOURCE names a caption slot; a source that merely holds "=" (a path like a=b.jsonl) has no valid name
 _SLOT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")

@@ -42,8 +42,8 @@ import numpy as np
 from PIL import Image
 
 from alip.cli import add_debug_flag, guarded
-from alip.data import schema
-from alip.data.recordio import RecordIOError, RecordIOReader, check_shard
+from alip.data.format import schema
+from alip.data.format.recordio import RecordIOError, RecordIOReader, check_shard
 
 CHECK_FAILED = 1  # a damaged shard: distinct from a usage error (alip.cli.USER_ERROR_STATUS, 2)
 

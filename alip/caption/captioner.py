@@ -28,7 +28,7 @@ import torch
 
 from alip.caption import DEFAULT_MODEL
 from alip.cli import UserError
-from alip.data.sources import InputError
+from alip.data.ingest.sources import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Caption every image of data2rec's inputs into a sidecar: batched, multi-rank, resumable.
 
 The steps:
-1. Index the inputs exactly as data2rec does (`alip.data.shard_plan.index_inputs`), so sample keys
+1. Index the inputs exactly as data2rec does (`alip.data.ingest.shard_plan.index_inputs`), so sample keys
    and manifest paths are the ones data2rec will join on.
 2. Read what earlier runs left (the final sidecar and every part file) and refuse entries made
    with other settings or for other inputs. The samples without an entry are the work; rank r of
@@ -47,10 +47,11 @@ from alip.caption.sidecar import (
     part_path,
     part_paths,
 )
-from alip.data.images import BadImage, decode_image
-from alip.data.sample_index import CHUNK, SampleIndex
-from alip.data.shard_plan import ConvertOptions, index_inputs
-from alip.data.sources import Columns, InputError, Skip, read_image_bytes
+from alip.columns import CHUNK
+from alip.data.format.images import BadImage, decode_image
+from alip.data.ingest.sample_index import SampleIndex
+from alip.data.ingest.shard_plan import ConvertOptions, index_inputs
+from alip.data.ingest.sources import Columns, InputError, Skip, read_image_bytes
 from alip.distributed import get_rank, get_world_size
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Caption sidecars: the file that maps a sample to its synthetic caption, and the part files behind it.
 
-The final sidecar is what `tools/data2rec.py --captions` joins (see `alip.data.sources.read_caption_sidecar`):
+The final sidecar is what `tools/data2rec.py --captions` joins (see `alip.data.ingest.sources.read_caption_sidecar`):
 
     {"meta": {"format": "alip-caption-sidecar", "captioner": {...}, ...}}      first line: header
     {"key": "17", "path": "img/17.jpg", "caption": "a dog running on a beach"}
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alip.data.sample_index import CHUNK, StringColumn, StringColumnBuilder
-from alip.data.sources import CAPTION_META_KEY, InputError
+from alip.columns import CHUNK, StringColumn, StringColumnBuilder
+from alip.data.ingest.sources import CAPTION_META_KEY, InputError
 from alip.files import json_lines
 
 logger = logging.getLogger(__name__)

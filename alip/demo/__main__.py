@@ -177,8 +177,8 @@ def _machine() -> dict[str, Any]:
 
 def _make_data(out: Path, spec: Any, workers: int, progress: bool) -> tuple[Any, Path]:
     """Generated dataset -> data2rec's engine (the code behind tools/data2rec.py) -> shards."""
-    from alip.data.convert import ConvertOptions, convert
-    from alip.data.sources import CaptionSource, Columns
+    from alip.data.ingest.convert import ConvertOptions, convert
+    from alip.data.ingest.sources import CaptionSource, Columns
     from alip.demo.data import write_dataset
 
     data = write_dataset(out / "data", spec, progress=progress)

@@ -1,7 +1,7 @@
 """Evaluation datasets, read from local folders only (nothing is ever downloaded).
 
 Retrieval sets live in `alip.eval.retrieval_formats` (Karpathy, ALBEF, CLIP_benchmark, tables,
-webdataset); their names are still importable from here. This module holds the shared pieces
+webdataset), which builds on this module. This module holds the shared pieces
 (images on disk or in tar shards, CLIP_benchmark's webdataset reader, the error types) and the
 classification sets.
 
@@ -479,24 +479,3 @@ def _check_class_names(dataset: Dataset, classnames: list[str], source: dict) ->
         )
     if top_label is not None and top_label >= len(classnames):
         raise DatasetError(f"{names}, but {source['root']} has labels up to {top_label}: one name per label is missing")
-
-
-# Retrieval names moved to alip.eval.retrieval_formats; resolved lazily, since that module imports this one.
-_RETRIEVAL_NAMES = (
-    "RetrievalData",
-    "load_retrieval",
-    "load_karpathy",
-    "load_albef",
-    "load_coco_annotations",
-    "load_flickr_annotations",
-    "load_caption_table",
-    "load_wds_retrieval",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _RETRIEVAL_NAMES:
-        from alip.eval import retrieval_formats
-
-        return getattr(retrieval_formats, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

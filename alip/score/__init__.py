@@ -19,31 +19,30 @@ safetensors, the original release) needs `--model`, and has no EMA state: the da
 similarities stand in for it (reported as "ema_source": "dataset_mean").
 """
 
-# The pieces, each importable on its own:
-#   common.py   ScoreInputError, the logger, the warnings list every step adds to
-#   signals.py  checkpoint reading, the model pass, gate weights, texts sidecars
-#   ranking.py  the ranked rows, the CSV columns, ScoreResult and its writing
-#   truth.py    ground-truth flags, ROC-AUC, the truth part of the summary
-#   core.py     score_shards: the steps in order
-#   command.py  the command line (alip-score, python -m alip.score)
-#   filter_rule.py  the filter's rule, pure: which records a --keep-fraction / --min-weight / auto keeps
-#   filter.py       alip-filter: match scores to shards, copy the kept records, the meta and reports
-#   filter_command.py  its command line (alip-filter, python -m alip.filter)
+# Two commands, each with its parts:
+#   scoring    signals.py  the checkpoint's gate settings, the model pass, the gate weights, the texts sidecars
+#              ranking.py  the ranked rows, the CSV columns, ScoreResult; ground truth and ROC-AUC
+#              scorer.py   score_shards (the steps in order) and alip-score's command line (python -m alip.score)
+#   filtering  rule.py     the filter's rule, pure: which records --keep-fraction / --min-weight / auto keep
+#              filter.py   filter_shards (match scores to shards, copy the kept records, meta and reports)
+#                          and alip-filter's command line (python -m alip.filter)
 
-from alip.score.command import EPILOG, build_parser, cli, format_summary, main
-from alip.score.common import ScoreInputError
-from alip.score.core import score_shards
 from alip.score.filter import FilterReport, filter_shards
-from alip.score.filter_rule import FilterInputError, Rule
-from alip.score.ranking import BASE_COLUMNS, RANKING, SIMILARITIES, ScoreResult, default_summary_path
-from alip.score.signals import EMA_NAMES
-from alip.score.truth import TRUTH_COLUMNS, parse_noisy, read_truth, roc_auc
-
-# Internal, not in __all__, but kept reachable as `alip.score.<name>`: benchmarks/scale.py times the
-# ranking step with them (the `x as x` form marks them as re-exported).
-from alip.score.common import _Warnings as _Warnings  # isort: skip
-from alip.score.ranking import _ranked_rows as _ranked_rows  # isort: skip
-from alip.score.signals import _shard_texts as _shard_texts  # isort: skip
+from alip.score.filter import cli as filter_cli
+from alip.score.ranking import (
+    BASE_COLUMNS,
+    RANKING,
+    SIMILARITIES,
+    TRUTH_COLUMNS,
+    ScoreResult,
+    default_summary_path,
+    parse_noisy,
+    read_truth,
+    roc_auc,
+)
+from alip.score.rule import REASONS, SIGNALS, FilterInputError, Rule, decide, gmm_clean
+from alip.score.scorer import EPILOG, build_parser, cli, format_summary, main, score_shards
+from alip.score.signals import EMA_NAMES, ScoreInputError
 
 __all__ = [
     "BASE_COLUMNS",
@@ -51,6 +50,8 @@ __all__ = [
     "EPILOG",
     "FilterInputError",
     "FilterReport",
+    "REASONS",
+    "SIGNALS",
     "RANKING",
     "Rule",
     "SIMILARITIES",
@@ -59,9 +60,12 @@ __all__ = [
     "ScoreResult",
     "build_parser",
     "cli",
+    "decide",
     "default_summary_path",
+    "filter_cli",
     "filter_shards",
     "format_summary",
+    "gmm_clean",
     "main",
     "parse_noisy",
     "read_truth",

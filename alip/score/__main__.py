@@ -2,6 +2,6 @@
 
 import sys
 
-from alip.score.command import cli
+from alip.score.scorer import cli
 
 sys.exit(cli())

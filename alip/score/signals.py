@@ -1,14 +1,15 @@
 """What `alip score` measures per record: the checkpoint's gate settings, the model pass and the gates.
 
-`_read_checkpoint` finds the model name and the gates' EMA state, power and pair_gate in a
-training checkpoint; `_similarities` runs the model over the shards (through `_Scored`);
-`_gate_weights` turns the similarities into the gates' weights; `_shard_texts` reads each shard's
+`read_checkpoint` finds the model name and the gates' EMA state, power and pair_gate in a
+training checkpoint; `similarities` runs the model over the shards (through `ScoredRecords`);
+`gate_weights_of` turns the similarities into the gates' weights; `shard_texts` reads each shard's
 texts sidecar for the original strings, in columns (`ShardTexts`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,17 +20,35 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from alip.data import schema
-from alip.data.sample_index import CHUNK, StringColumn, StringColumnBuilder
-from alip.data.torch_loader import RecordDataset, worker_errors
+from alip.cli import UserError
+from alip.columns import CHUNK, StringColumn, StringColumnBuilder
+from alip.data.format import schema
+from alip.data.loaders.torch_loader import RecordDataset, worker_errors
 from alip.model import quiet_random_init
-from alip.score.common import ScoreInputError, _Warnings, logger
+
+# One logger for the whole package, named as the module was before the split, so log lines and
+# logging filters still say `alip.score`.
+logger = logging.getLogger("alip.score")
+
+
+class ScoreInputError(UserError, ValueError):
+    """A problem with what alip-score was given (a truth or texts file, an option); the message says which."""
+
+
+class Warnings(list):
+    """Warnings logged once each and kept for the summary."""
+
+    def add(self, message: str) -> None:
+        if message not in self:
+            logger.warning(message)
+            self.append(message)
+
 
 EMA_NAMES = {"tc": "ema_tc", "it": "ema_it", "ic": "ema_ic"}  # buffer names in alip.gates.ConsistencyGates
 
 
 @dataclass
-class _Checkpoint:
+class CheckpointInfo:
     path: Path
     kind: str  # "alip-train" or "weights"
     model_name: str | None
@@ -98,7 +117,7 @@ def _find_ema(loss_state: Any) -> dict[str, float] | None:
     return ema
 
 
-def _read_checkpoint(path: Path, warnings: _Warnings) -> _Checkpoint:
+def read_checkpoint(path: Path, warnings: Warnings) -> CheckpointInfo:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state: Any = None
@@ -110,7 +129,7 @@ def _read_checkpoint(path: Path, warnings: _Warnings) -> _Checkpoint:
         except Exception as e:  # unreadable or unsafe: alip.load_checkpoint will say exactly why
             logger.debug("torch.load(%s) failed (%s); treating it as a weights file", path, e)
     if not (isinstance(state, Mapping) and isinstance(state.get("model"), Mapping)):
-        return _Checkpoint(path, "weights", None, None, None, None)
+        return CheckpointInfo(path, "weights", None, None, None, None)
     config = state.get("config") if isinstance(state.get("config"), Mapping) else {}
     model_cfg = config.get("model") if isinstance(config.get("model"), Mapping) else {}
     loss_cfg = config.get("loss") if isinstance(config.get("loss"), Mapping) else {}
@@ -131,7 +150,7 @@ def _read_checkpoint(path: Path, warnings: _Warnings) -> _Checkpoint:
         warnings.add(f"{path}: the gates' EMA values are still at their initial 1.0 (saved before any step?)")
     power = loss_cfg.get("power")
     pair_gate = loss_cfg.get("pair_gate")
-    return _Checkpoint(
+    return CheckpointInfo(
         path,
         "alip-train",
         model_cfg.get("name"),
@@ -193,7 +212,7 @@ class _TextsBuilder:
         return ShardTexts(keys, *(self.columns[name].finish() for name in TEXT_FIELDS), self.bounds)
 
 
-class _Scored(Dataset):
+class ScoredRecords(Dataset):
     """The records of a `RecordDataset` with the model's eval transform, their key and position."""
 
     def __init__(self, records: RecordDataset, preprocess: Any) -> None:
@@ -214,16 +233,16 @@ class _Scored(Dataset):
         }
 
 
-def _pick_device(device: str | None) -> torch.device:
+def pick_device(device: str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 @torch.inference_mode()
-def _similarities(
+def similarities(
     model: torch.nn.Module,
-    dataset: _Scored,
+    dataset: ScoredRecords,
     device: torch.device,
     batch_size: int,
     num_workers: int,
@@ -257,7 +276,7 @@ def _similarities(
     return keys, sims
 
 
-def _require_finite(keys: np.ndarray, sims: np.ndarray) -> None:
+def require_finite(keys: np.ndarray, sims: np.ndarray) -> None:
     """A broken checkpoint gives NaN features: stop here rather than rank NaNs."""
     bad = ~np.isfinite(sims).all(axis=1)
     if bad.any():
@@ -267,7 +286,7 @@ def _require_finite(keys: np.ndarray, sims: np.ndarray) -> None:
         )
 
 
-def _load_model(model_name: str, path: Path, device: torch.device) -> tuple[torch.nn.Module, Any, str]:
+def load_model(model_name: str, path: Path, device: torch.device) -> tuple[torch.nn.Module, Any, str]:
     """(model in eval mode on `device`, its eval transform, the checkpoint format `alip.load_checkpoint` read)."""
     import alip  # lazy: alip.model imports open_clip
 
@@ -279,7 +298,7 @@ def _load_model(model_name: str, path: Path, device: torch.device) -> tuple[torc
 
 
 @dataclass
-class _Gated:
+class Gated:
     """The gate weights of every record and the mu they were computed with."""
 
     weights: np.ndarray  # [N, 3] weight_sample, weight_raw, weight_caption
@@ -288,19 +307,19 @@ class _Gated:
     means: dict[str, float]  # tc/it/ic dataset means of the similarities
 
 
-def _gate_weights(sims: np.ndarray, ema: dict[str, float] | None, power: float, pair_gate: str) -> _Gated:
+def gate_weights_of(sims: np.ndarray, ema: dict[str, float] | None, power: float, pair_gate: str) -> Gated:
     """`alip.gates.gate_weights` over all records, mu = the checkpoint's EMA or, without one, the dataset means."""
-    import alip  # lazy, as in _load_model
+    import alip  # lazy, as in load_model
 
     means = {short: float(sims[:, j].mean()) for j, short in enumerate(EMA_NAMES)}
     mu = ema if ema is not None else means
     s = torch.from_numpy(sims)
     weights = alip.gate_weights(s[:, 0], s[:, 1], s[:, 2], mu["tc"], mu["it"], mu["ic"], power, pair_gate)
     w = torch.stack([weights.sample, weights.raw, weights.caption], dim=1).numpy()
-    return _Gated(w, mu, "checkpoint" if ema is not None else "dataset_mean", means)
+    return Gated(w, mu, "checkpoint" if ema is not None else "dataset_mean", means)
 
 
-def _shard_texts(shards: list[schema.ShardInfo], warnings: _Warnings) -> ShardTexts:
+def shard_texts(shards: list[schema.ShardInfo], warnings: Warnings) -> ShardTexts:
     """Every shard's texts sidecar in columns; a shard without one is warned about once."""
     builder = _TextsBuilder()
     for shard in shards:

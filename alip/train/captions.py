@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from alip.config import ConfigError, LossConfig
-from alip.data.schema import TextSlots
+from alip.data.format.schema import TextSlots
 
 
 def slot_weights(cfg: LossConfig, slots: TextSlots, spec: str) -> tuple[float, ...] | None:

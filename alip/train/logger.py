@@ -28,6 +28,9 @@ class TrainLogger:
     def __init__(self, cfg: LogConfig, run_dir: Path, is_main: bool, run_config: dict[str, Any]) -> None:
         self.cfg = cfg
         self.is_main = is_main
+        objective = run_config.get("loss", {})
+        self._caption = bool(objective.get("use_caption", True))  # False: plain CLIP, one term
+        self._gated = self._caption and bool(objective.get("use_gates", True))
         self.losses_path = run_dir / "losses.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
         self._tb = None
@@ -80,22 +83,30 @@ class TrainLogger:
         if not self.is_main:
             return
         m = metrics
+        # Only what the objective computes: a CLIP run has no caption term and no gates (its weights
+        # are all 1), ALIP without gates has both terms and no gates.
+        losses, loss_args = "loss %.4f", [m.get("train/loss", math.nan)]
+        if self._caption:
+            losses += " (raw %.4f, caption %.4f)"
+            loss_args += [m.get("train/loss_raw", math.nan), m.get("train/loss_caption", math.nan)]
+        gates, gate_args = "", []
+        if self._gated:
+            gates = " | gates s %.3f t %.3f c %.3f%s"
+            gate_args = [m.get(f"train/gate/weight_{w}_mean", math.nan) for w in ("sample", "raw", "caption")]
+            gate_args.append(_source_gates(m))
         logger.info(
-            "step %d/%d | %.1f samples/s/rank, %.1f total | data %.3fs | eta %s | loss %.4f (raw %.4f, caption %.4f)"
-            " | gates s %.3f t %.3f c %.3f%s | scale %.2f | grad %.3f | loss scale %.0f | skipped %d",
+            "step %d/%d | %.1f samples/s/rank, %.1f total | data %.3fs | eta %s | "
+            + losses
+            + gates
+            + " | scale %.2f | grad %.3f | loss scale %.0f | skipped %d",
             m["train/step"],
             m["train/total_steps"],
             m["train/samples_per_s_per_rank"],
             m["train/samples_per_s"],
             m["train/data_wait_s"],
             _eta(m["train/eta_s"]),
-            m.get("train/loss", math.nan),
-            m.get("train/loss_raw", math.nan),
-            m.get("train/loss_caption", math.nan),
-            m.get("train/gate/weight_sample_mean", math.nan),
-            m.get("train/gate/weight_raw_mean", math.nan),
-            m.get("train/gate/weight_caption_mean", math.nan),
-            _source_gates(m),
+            *loss_args,
+            *gate_args,
             m["train/logit_scale"],
             m["train/grad_norm"],
             m["train/loss_scale"],

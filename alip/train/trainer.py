@@ -32,8 +32,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import alip
 from alip.config import Config, ConfigError, RunShape, to_dict
-from alip.data.loader_config import LoaderConfig
-from alip.data.schema import TextSlots
+from alip.data.format.schema import TextSlots
+from alip.data.loaders.base import RecordLoader
+from alip.data.loaders.config import LoaderConfig
 from alip.distributed import get_rank, get_world_size
 from alip.flops import device_peak_tflops, step_flops, supports_count
 from alip.model import CheckpointError
@@ -62,33 +63,16 @@ class TrainState:
     consecutive_skips: int = 0
 
 
-def build_loader(cfg: Config, shape: RunShape, device: torch.device) -> Any:
+def build_loader(cfg: Config, shape: RunShape, device: torch.device) -> RecordLoader:
     """This rank's training loader (DALI or the torch fallback), batches of `shape.per_rank_batch`."""
-    d = cfg.data
-    config = LoaderConfig(
-        batch_size=shape.per_rank_batch,
-        image_size=d.image_size,
-        random_area=d.random_area,
-        random_aspect_ratio=d.random_aspect_ratio,
-        crop_attempts=d.crop_attempts,
-        flip_prob=d.flip_prob,
-        shuffle_buffer=d.shuffle_buffer,
-        last_batch=d.last_batch,
-        seed=cfg.train.seed,
-        num_threads=d.num_threads,
-        num_workers=d.num_workers,
-        full_check=d.full_check,
-        deep_check=d.deep_check,
-    )
-    if d.loader == "dali":
-        from alip.data.dali import DaliLoader  # DALI only where it is asked for
+    config = LoaderConfig.from_settings(cfg.data, batch_size=shape.per_rank_batch, seed=cfg.train.seed)
+    if cfg.data.loader == "dali":
+        from alip.data.loaders.dali import DaliLoader  # DALI only where it is asked for
 
-        loader = DaliLoader(d.train, config, train=True, device=device)
-    else:
-        from alip.data.torch_loader import TorchLoader
+        return DaliLoader(cfg.data.train, config, train=True, device=device)
+    from alip.data.loaders.torch_loader import TorchLoader
 
-        loader = TorchLoader(d.train, config, train=True, device=device)
-    return loader
+    return TorchLoader(cfg.data.train, config, train=True, device=device)
 
 
 def build_loss(cfg: Config, slots: TextSlots) -> alip.AlipLoss:

@@ -1,4 +1,4 @@
-"""data2rec's steps 1 and 2 (see alip.data.convert): index the inputs into columns, join the
+"""data2rec's steps 1 and 2 (see alip.data.ingest.convert): index the inputs into columns, join the
 captions, then shuffle once and cut the samples into shards, with the fingerprint that ties an output
 folder to its plan and the stamps that tell a rerun which shards are stale. Nothing here writes a file.
 """
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from alip.data import schema
-from alip.data.sample_index import CHUNK, CaptionTable, IndexBuilder, SampleIndex, StringColumn, StringColumnBuilder
-from alip.data.sources import (
+from alip.columns import CHUNK, StringColumn, StringColumnBuilder
+from alip.data.format import schema
+from alip.data.ingest.sample_index import CaptionTable, IndexBuilder, SampleIndex
+from alip.data.ingest.sources import (
     CaptionSource,
     Columns,
     InputError,
@@ -29,7 +30,7 @@ from alip.data.sources import (
     iter_manifest,
     tar_samples,
 )
-from alip.data.typed_columns import open_tokens_npy
+from alip.data.ingest.typed_columns import open_tokens_npy, parquet_rows
 
 
 @dataclass
@@ -157,7 +158,13 @@ def index_inputs(inputs: list[Path], opts: ConvertOptions) -> tuple[SampleIndex,
                 builder.add(sample)
             skips += bad
         else:
-            for item in iter_manifest(path, opts.image_root, opts.columns, first_row=builder.n + len(skips)):
+            first_row = builder.n + len(skips)
+            if path.suffix.lower() == ".parquet":  # typed columns: embedded images, token ids
+                root = opts.image_root if opts.image_root is not None else path.parent
+                items = parquet_rows(path, root, opts.columns, first_row)
+            else:
+                items = iter_manifest(path, opts.image_root, opts.columns, first_row)
+            for item in items:
                 if isinstance(item, Skip):
                     skips.append(item)
                 else:

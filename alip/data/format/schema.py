@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from alip.data.recordio import IRHeader, RecordIOError, RecordIOReader, ShardCheck, check_shard, pack, unpack
+from alip.data.format.recordio import IRHeader, RecordIOError, RecordIOReader, ShardCheck, check_shard, pack, unpack
 from alip.files import sha256_file, write_json_atomic
 
 CONTEXT_LENGTH = 77
@@ -436,12 +436,12 @@ def _checksum_mismatch(info: ShardInfo, size: int) -> str | None:
 def deep_check_shard(info: ShardInfo, keep: int = 10, slots: TextSlots | None = None) -> DeepCheck:
     """Everything the full framing check leaves out, for one shard: its sha256 and size against the
     meta JSON, every label (`label_faults`) and every image, fully decoded as data2rec did
-    before writing it (alip.data.images.open_image). Reads the whole shard.
+    before writing it (alip.data.format.images.open_image). Reads the whole shard.
 
     Framing faults raise RecordIOError (`check_shard` runs first, every label `slots.label_length`
     floats: K = 1 by default); content faults are counted, the first `keep` kept with their record keys.
     """
-    from alip.data.images import BadImage, open_image  # PIL: only the deep check decodes
+    from alip.data.format.images import BadImage, open_image  # PIL: only the deep check decodes
 
     slots = slots if slots is not None else TextSlots()
     shard = check_shard(info.rec, info.idx, slots.label_length, info.records)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alip.data.schema import CONTEXT_LENGTH, END_OF_TEXT, START_OF_TEXT, VOCAB_SIZE
-from alip.data.sources import (
+from alip.data.format.schema import CONTEXT_LENGTH, END_OF_TEXT, START_OF_TEXT, VOCAB_SIZE
+from alip.data.ingest.sources import (
     IMAGE_EXTENSIONS,
     JSON_TYPES,
     MANIFEST_SUFFIXES,

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from alip.data.recordio import ShardCheck
+from alip.data.format.recordio import ShardCheck
 
 Intervals = list[list[int]]  # [[start, end), ...], sorted, disjoint, not touching
 

@@ -134,7 +134,7 @@ class RecordIOWriter:
     """Append records to a .rec file and its .idx (`mxnet.recordio.MXIndexedRecordIO` in write mode).
 
     Writes exactly what MXNet writes. Atomicity is the caller's: write to temporary names and
-    rename when the shard is complete (see alip.data.convert).
+    rename when the shard is complete (see alip.data.ingest.convert).
     """
 
     def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None) -> None:

@@ -1,25 +1,17 @@
 """NVIDIA DALI training and eval loaders over ALIP RecordIO shards.
 
-`DaliLoader` reads the shards with `fn.readers.mxnet`, decodes on the GPU (`device="mixed"`) when
-CUDA is available and on the CPU otherwise, augments, and yields
-
-    {"image": float32 [B, 3, H, W], "text": int64 [B, 77], "caption": int64 [B, 77]}
-
-on the training device (the caption [B, K, 77] for records with K > 1 caption slots, named by the
-meta JSON's "texts": see schema.TextSlots). Iterating the loader runs ONE epoch, starting where the loader stands (so
-a loader restored mid-epoch finishes that epoch first); `len(loader)` is the number of steps per
-epoch, equal on every rank.
+`DaliLoader`, a RecordLoader (alip.data.loaders.base: the batch contract, the epoch semantics, the
+state), reads the shards with `fn.readers.mxnet`, decodes on the GPU (`device="mixed"`) when its
+device is a CUDA one and on the CPU otherwise, and augments.
 
 Sharding. Rank r of W reads DALI shard r of the concatenated records, and DALI moves each rank on
 to the next shard after every epoch (no `stick_to_shard`), so over W epochs every rank sees every
 record. The reader always runs with `pad_last_batch=True`: each rank's share is padded to whole
 batches by repeating its last sample, equal on every rank, and an epoch never reads into the next.
-`config.last_batch` (see alip.data.loader_config) then decides what this loader yields: "pad" (the
-release at c507915) yields the padded batches as they are; "fill" (the release config's) replaces
-the padded rows of each rank's last batch with other records of its part (below); "drop" yields
-only the batches every rank fills with real records and reads the rest of the epoch without
-yielding it (at most one batch); eval mode without "pad" cuts the padding off the last batches, so
-every record comes exactly once.
+`config.last_batch` (alip.data.loaders.config says what each mode yields) then decides what this
+loader does with them: "pad" yields the padded batches as they are; "fill" replaces the padded rows
+of each rank's last batch with other records of its part (below); "drop" reads the rest of the
+epoch without yielding it (at most one batch); eval mode without "pad" cuts the padding off.
 
 "fill". DALI shuffles within a buffer, so the loader cannot ask for particular records; it keeps
 what it needs from what it has read. The number of padded rows of this rank's last batch is known
@@ -71,17 +63,10 @@ import torch.nn.functional as F
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from alip.data import position, schema
-from alip.data.loader_config import (
-    LoaderConfig,
-    batch_rows,
-    check_loader_state,
-    dropped_per_epoch,
-    fill_rows,
-    place_loader,
-    steps_per_epoch,
-)
-from alip.data.recordio import RecordIOError, ShardCheck, read_idx, read_idx_arrays
+from alip.data.format import schema
+from alip.data.format.recordio import RecordIOError, ShardCheck, read_idx, read_idx_arrays
+from alip.data.loaders.base import RecordLoader
+from alip.data.loaders.config import LoaderConfig, batch_rows, fill_rows, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -171,18 +156,12 @@ def _alip_pipeline(
     return images, labels, sources
 
 
-class DaliLoader:
-    """DALI loader over ALIP shards: one epoch per iteration, equal steps on every rank, resumable.
+class DaliLoader(RecordLoader):
+    """The RecordLoader (alip.data.loaders.base) that reads with DALI; JPEGs decode on the GPU when
+    the device is a CUDA one, else on the CPU."""
 
-    shards: meta JSON, directory with one meta JSON, .rec glob, single .rec, or a list of these
-        (see `alip.data.schema.resolve_shards`). Every shard is preflighted unless
-        `config.preflight` is False.
-    train: random crop + flip + shuffling (per `config`); False: resize shorter side + centre crop,
-        in file order.
-    rank, world_size: default to the torch.distributed process group (0 and 1 without one).
-    device: where batches are yielded; default `cuda:<local rank>` when CUDA is available (JPEGs
-        then decode on the GPU), else the CPU.
-    """
+    STATE_KIND = STATE_KIND
+    STATE_VERSION = STATE_VERSION
 
     def __init__(
         self,
@@ -193,24 +172,15 @@ class DaliLoader:
         world_size: int | None = None,
         device: str | torch.device | None = None,
     ) -> None:
-        self.config = config
-        self.train = train
-        placed = place_loader(shards, config, rank, world_size, device)
-        self.rank, self.world_size, self.device, self.shards, self.slots = placed
-        self.num_records = sum(s.num_records for s in self.shards)
-        self.mode = config.epoch_mode(train)
+        super().__init__(shards, config, train, rank, world_size, device)
         self.steps_per_epoch = steps_per_epoch(self.num_records, config.batch_size, self.world_size, self.mode)
-        self.dropped_per_epoch = dropped_per_epoch(self.num_records, config.batch_size, self.world_size, self.mode)
         # What the padded reader delivers per epoch; with "drop" the last of these are read, not yielded.
         self._reader_steps = steps_per_epoch(self.num_records, config.batch_size, self.world_size, "pad")
-        self.epoch = 0
-        self.step = 0  # batches of `epoch` already yielded
         # DALI's shard (part) for the pipeline's first epoch; it moves on by one per epoch. `rank` unless
         # the pipeline was built for a later epoch (restart_epoch), so that part = (rank + epoch) % W.
         self._first_part = self.rank
         # "fill": rows kept from the epoch's first batch read, for the last batch's padded rows (module docstring)
         self._fill_cache: dict[str, torch.Tensor] | None = None
-        self.shards_digest = position.shards_digest(self.shards)
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         if len(self.shards) == 1:
             self._index_path = str(self.shards[0].idx_path)
@@ -267,9 +237,6 @@ class DaliLoader:
                 f"{self.num_records} / {self._reader_steps}"
             )
         return iterator
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
 
     def _live_iterator(self) -> DALIGenericIterator:
         if self._iterator is None:
@@ -429,12 +396,7 @@ class DaliLoader:
             "train": int(self.train),
             "last_batch": self.mode,
         }
-        # A state written before `last_batch` existed is a "pad" one: its steps cut the epoch otherwise.
-        state = {"last_batch": "pad", **state}
-        # The DALI checkpoint is per rank and per sharding.
-        check_loader_state(state, STATE_KIND, STATE_VERSION, expected, self.steps_per_epoch)
-        if not self.same_data(state):
-            raise ValueError(f"{STATE_KIND} state was written for other shards (file names or record counts differ)")
+        state = self.check_state(state, expected)  # the DALI checkpoint is per rank and per sharding
         checkpoint = base64.b64decode(state["dali_checkpoint"])
         # A pipeline can only be restored when it is built: replace the running one, built as that one was.
         self._first_part = int(state.get("first_part", self.rank))
@@ -442,12 +404,6 @@ class DaliLoader:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self._fill_cache = None  # "fill": kept again from the first batch read now (module docstring)
-
-    def same_data(self, state: dict[str, Any]) -> bool:
-        """Whether `state` (any rank's, any world size) was written for these records. A state from before
-        the digest existed is judged by its record count."""
-        digest = state.get("shards_digest", self.shards_digest)
-        return state.get("num_records") == self.num_records and digest == self.shards_digest
 
     def continue_epoch(self, states: list[dict[str, Any]]) -> str:
         """Continue from the states of a run on another world size, as well as DALI allows: its reader's

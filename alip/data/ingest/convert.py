@@ -1,12 +1,12 @@
 """Manifest / img2dataset tars (+ caption sidecar) -> shuffled RecordIO shards + meta JSON.
 
 The steps, each restartable, under a lock on the output folder (two runs never write into one):
-1. (alip.data.shard_plan) Index the inputs (rows, tar members) into columns (SampleIndex: about
+1. (alip.data.ingest.shard_plan) Index the inputs (rows, tar members) into columns (SampleIndex: about
    240 bytes a row for YFCC-length texts, so 15M rows fit in a few GB), join captions, and count every row that
    cannot become a sample, with its reason. Stat every image file: its size and mtime tell a rerun which shards
    are stale.
-2. (alip.data.shard_plan) Shuffle the whole dataset once with a seed. DALI's reader only shuffles within a buffer, so
-   shards must already be mixed. Cut the shuffled list into shards by record count and/or
+2. (alip.data.ingest.shard_plan) Shuffle the whole dataset once with a seed. DALI's reader only
+   shuffles within a buffer, so shards must already be mixed. Cut the shuffled list into shards by record count and/or
    estimated size. The plan is a pure function of the inputs and options; its fingerprint is
    saved, so a rerun with different inputs cannot silently mix two plans.
 3. Write the shards in parallel worker processes. Each worker decodes and validates every image,
@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from alip.cli import UserError
-from alip.data import schema
-from alip.data.images import BadImage, prepare_image
-from alip.data.recordio import RecordIOWriter
-from alip.data.shard_plan import (
+from alip.data.format import schema
+from alip.data.format.images import BadImage, prepare_image
+from alip.data.format.recordio import RecordIOWriter
+from alip.data.ingest.shard_plan import (
     ConvertOptions,
     ShardTask,
     index_inputs,
@@ -48,13 +48,13 @@ from alip.data.shard_plan import (
     shard_stamp,
     stat_images,
 )
-from alip.data.sources import (
+from alip.data.ingest.sources import (
     InputError,
     SourceSample,
     read_image_bytes,
     read_sidecar_header,
 )
-from alip.data.typed_columns import decode_tokens, open_tokens_npy, read_inputs
+from alip.data.ingest.typed_columns import decode_tokens, open_tokens_npy, read_inputs
 from alip.files import FolderLock, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)

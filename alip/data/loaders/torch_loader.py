@@ -1,15 +1,10 @@
 """PyTorch DataLoader fallback over ALIP RecordIO shards: PIL decoding, torchvision transforms.
 
-Same batch contract as alip.data.dali.DaliLoader,
-
-    {"image": float32 [B, 3, H, W], "text": int64 [B, 77], "caption": int64 [B, 77]},
-
-the caption [B, K, 77] for records with K > 1 caption slots (schema.TextSlots, from the meta JSON),
-same epoch semantics (iterating runs the rest of the current epoch; `len` = steps per epoch, equal
-on every rank) and the same state_dict shape. It is what runs where DALI is not installed, and the
+A RecordLoader (alip.data.loaders.base: the batch contract, the epoch semantics, the state) like
+alip.data.loaders.dali.DaliLoader. It is what runs where DALI is not installed, and the
 baseline for benchmarks/loader_throughput.py.
 
-Batches are cut from the epoch as DALI cuts them (see alip.data.loader_config: the same parts per
+Batches are cut from the epoch as DALI cuts them (see alip.data.loaders.config: the same parts per
 rank, moving on by one part per epoch, the same `last_batch` modes and the same step counts), and
 the random crop makes `config.crop_attempts` attempts as DALI's does (torchvision's
 RandomResizedCrop makes 10). The one difference by design: the shuffle is a full permutation per
@@ -17,7 +12,7 @@ epoch, drawn before the records are split into parts (DALI shuffles within a buf
 Augmentation is seeded per sample position, so it does not depend on the number of workers and a
 mid-epoch resume (which skips the batches already seen) reproduces the same samples and the same
 augmentations. The state also records, in positions of the epoch's global order, what each rank
-has read (alip.data.position): on another world size, `continue_epoch` continues the epoch over
+has read (alip.data.format.position): on another world size, `continue_epoch` continues the epoch over
 the records no rank had read, cut into parts and batches over the new ranks.
 """
 
@@ -39,17 +34,11 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from alip.data import position, schema
-from alip.data.images import BadImage, open_image
-from alip.data.loader_config import (
-    LoaderConfig,
-    check_loader_state,
-    dropped_per_epoch,
-    place_loader,
-    rank_part,
-    steps_per_epoch,
-)
-from alip.data.recordio import RecordIOError, RecordIOReader, ShardCheck, read_idx_arrays
+from alip.data.format import position, schema
+from alip.data.format.images import BadImage, open_image
+from alip.data.format.recordio import RecordIOError, RecordIOReader, ShardCheck, read_idx_arrays
+from alip.data.loaders.base import RecordLoader
+from alip.data.loaders.config import LoaderConfig, rank_part, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +212,7 @@ class EpochSampler(Sampler):
     read again by index, with augmentation seeds of their own), "drop" keeps the first `steps` full
     batches, "trim" keeps the part as it is (TorchLoader ends the epoch with short or empty batches).
 
-    `excluded` (intervals of positions in the epoch order, see alip.data.position): positions read
+    `excluded` (intervals of positions in the epoch order, see alip.data.format.position): positions read
     before this partition began, by a run on another number of ranks. The epoch then continues over
     the other positions only, cut into parts and batches as above (a shorter epoch); with "fill",
     where the positions left do not give every rank a whole batch, that epoch has no step left (the
@@ -326,15 +315,11 @@ class EpochSampler(Sampler):
             yield int(indices[i]), int(seeds[i])
 
 
-class TorchLoader:
-    """PyTorch DataLoader over ALIP shards with DaliLoader's interface (see module docstring).
+class TorchLoader(RecordLoader):
+    """The RecordLoader (alip.data.loaders.base) that reads with a PyTorch DataLoader (see module docstring)."""
 
-    shards: anything `alip.data.schema.resolve_shards` accepts; preflighted unless
-        `config.preflight` is False.
-    train: RandomResizedCrop + flip + shuffling; False: Resize(shorter side) + CenterCrop, file order.
-    rank, world_size: default to the torch.distributed process group (0 and 1 without one).
-    device: where batches are yielded; default `cuda:<local rank>` when CUDA is available, else CPU.
-    """
+    STATE_KIND = STATE_KIND
+    STATE_VERSION = STATE_VERSION
 
     def __init__(
         self,
@@ -345,13 +330,8 @@ class TorchLoader:
         world_size: int | None = None,
         device: str | torch.device | None = None,
     ) -> None:
-        self.config = config
-        self.train = train
-        placed = place_loader(shards, config, rank, world_size, device)
-        self.rank, self.world_size, self.device, self.shards, self.slots = placed
+        super().__init__(shards, config, train, rank, world_size, device)
         self.dataset = RecordDataset(self.shards, config, train, self.slots)
-        self.num_records = len(self.dataset)
-        self.mode = config.epoch_mode(train)
         self.sampler = EpochSampler(
             self.num_records,
             config.batch_size,
@@ -363,11 +343,7 @@ class TorchLoader:
             mode=self.mode,
         )
         self.steps_per_epoch = self.sampler.steps
-        self.dropped_per_epoch = dropped_per_epoch(self.num_records, config.batch_size, self.world_size, self.mode)
-        self.epoch = 0
-        self.step = 0  # batches of `epoch` already yielded
         self.excluded: position.Intervals = []  # positions of `epoch` read before this partition (a reshard)
-        self.shards_digest = position.shards_digest(self.shards)
         workers = config.num_workers
         self._loader = DataLoader(
             self.dataset,
@@ -392,9 +368,6 @@ class TorchLoader:
             self.dropped_per_epoch,
             workers,
         )
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """The rest of the current epoch (all of it unless restored mid-epoch), then epoch += 1."""
@@ -453,19 +426,9 @@ class TorchLoader:
             "seed": self.config.seed,
             "last_batch": self.mode,
         }
-        # A state written before `last_batch` existed is a "pad" one: its steps cut the epoch otherwise.
-        state = {"last_batch": "pad", **state}
-        check_loader_state(state, STATE_KIND, STATE_VERSION, expected, self.steps_per_epoch)
-        if not self.same_data(state):
-            raise ValueError(f"{STATE_KIND} state was written for other shards (file names or record counts differ)")
+        state = self.check_state(state, expected)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.excluded = [[int(a), int(b)] for a, b in state.get("excluded", [])]
-
-    def same_data(self, state: dict[str, Any]) -> bool:
-        """Whether `state` (any rank's, any world size) was written for these records. A state from before
-        the digest existed is judged by its record count."""
-        digest = state.get("shards_digest", self.shards_digest)
-        return state.get("num_records") == self.num_records and digest == self.shards_digest
 
     def epoch_progress(self, states: list[dict[str, Any]]) -> tuple[int, position.Intervals]:
         """(epoch, positions of its order read) of the run whose ranks wrote `states`, on any world size."""

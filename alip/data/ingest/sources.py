@@ -10,10 +10,10 @@ scraped TSVs (YFCC, img2dataset) are not quoted, and with quote semantics one st
 start of a text swallows every following row into that text. CSV keeps standard quoting, read
 strictly: malformed quoting refuses the file, naming the line.
 
-Parquet manifests, embedded images and token-id columns are read by alip.data.typed_columns.
+Parquet manifests, embedded images and token-id columns are read by alip.data.ingest.typed_columns.
 
 data2rec holds every sample of a dataset at once (to shuffle it), in columns: see
-alip.data.sample_index (`SampleIndex`, `CaptionTable`).
+alip.data.ingest.sample_index (`SampleIndex`, `CaptionTable`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alip.cli import UserError
-from alip.data.images import BadImage
-from alip.data.schema import CONTEXT_LENGTH
+from alip.data.format.images import BadImage
+from alip.data.format.schema import CONTEXT_LENGTH
 from alip.files import json_lines
 
 MANIFEST_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
@@ -225,14 +225,12 @@ def manifest_samples(
 def iter_manifest(
     path: Path, image_root: Path | None, columns: Columns, first_row: int = 0
 ) -> Iterator[SourceSample | Skip]:
-    """The samples and skips of one manifest, row by row (`manifest_samples` as a stream)."""
+    """The samples and skips of one TSV, CSV or JSONL manifest, row by row (`manifest_samples` as a
+    stream). A parquet manifest has typed columns: alip.data.ingest.typed_columns.parquet_rows reads it."""
+    if path.suffix.lower() == ".parquet":
+        raise ValueError(f"{path}: parquet manifests are read by typed_columns.parquet_rows")
     root = image_root if image_root is not None else path.parent
     root_str = str(root)
-    if path.suffix.lower() == ".parquet":
-        from alip.data.typed_columns import parquet_rows  # pyarrow only for parquet; that module builds on this one
-
-        yield from parquet_rows(path, root, columns, first_row)
-        return
     row_number = first_row - 1
     for row_number, row in enumerate(read_rows(path, columns), first_row):  # noqa: B007
         where = f"{path.name} row {row_number}"

@@ -1,0 +1,1 @@
+"""The record format (DESIGN.md section 5), shared by the writer and the readers; imports neither."""

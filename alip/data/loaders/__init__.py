@@ -1,0 +1,1 @@
+"""The training and eval readers over RecordIO shards: DALI, and the PyTorch fallback; never the writer."""
