@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,75 @@ def json_lines(path: str | Path, error: type[Exception]) -> Iterator[tuple[int, 
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{path}:{lineno}: not valid JSON: {e}") from None
+
+
+# ---------------------------------------------------------------- outputs never touch inputs
+
+
+class OutputOverlapError(UserError):
+    """An output path that is, contains or lies inside one of the command's inputs."""
+
+
+def _variants(path: str | Path) -> set[Path]:
+    """The path as written (absolute, `..` folded) and with its symlinks resolved: an overlap through
+    either is one."""
+    return {Path(os.path.abspath(path)), Path(os.path.realpath(path))}
+
+
+def _relation(out: Path, inp: Path) -> str | None:
+    if out == inp:
+        return "is"
+    if inp.is_relative_to(out):
+        return "contains"
+    if out.is_relative_to(inp):
+        return "lies inside"
+    return None
+
+
+def refuse_overlap(
+    output: tuple[str, str | Path],
+    inputs: Iterable[tuple[str, str | Path]],
+    beside: Iterable[tuple[str, str | Path]] = (),
+) -> None:
+    """Refuse, before anything is written, an output that is, contains or lies inside an input.
+
+    output: (its option, e.g. "--out-dir", path). inputs: (option, path) pairs of files and folders the
+    command reads. beside: folders the output may lie inside but neither be nor contain (a manifest's
+    folder, the default root of its image paths: writing beside the manifest is the usual layout).
+    Symlinks and `..` are resolved. Raises OutputOverlapError naming both paths."""
+    what, out = output
+    outs = _variants(out)
+    checks = [(label, path, True) for label, path in inputs] + [(label, path, False) for label, path in beside]
+    for label, path, strict in checks:
+        for o in outs:
+            for i in _variants(path):
+                relation = _relation(o, i)
+                if relation is None or (relation == "lies inside" and not strict):
+                    continue
+                raise OutputOverlapError(
+                    f"{what} {out} {relation} the input {label} {path}; write the output elsewhere, nothing was changed"
+                )
+
+
+def own_and_strangers(folder: Path, patterns: Iterable[str], own: Iterable[str]) -> tuple[list[Path], list[Path]]:
+    """The files of `folder` matching `patterns` (globs), split into those named in `own` (what this tool's
+    stamps say it wrote) and the others (strangers: never deleted, never overwritten)."""
+    own = set(own)
+    found = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file() or p.is_symlink()})
+    return [p for p in found if p.name in own], [p for p in found if p.name not in own]
+
+
+def few(paths: Sequence[Path], shown: int = 5) -> str:
+    """ "a, b, c and 7 more": a list of files for one line of a message."""
+    names = [p.name for p in paths[:shown]]
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(names) + more
+
+
+def remove_own(files: Sequence[Path], tool: str, log: logging.Logger) -> None:
+    """--overwrite: delete exactly `files` (this tool's own, from its stamps), saying how many and which first."""
+    if not files:
+        return
+    log.info("--overwrite: removing %d file(s) %s wrote earlier: %s", len(files), tool, few(files))
+    for p in files:
+        p.unlink(missing_ok=True)

@@ -432,6 +432,8 @@ def test_image_struct_without_bytes_follows_its_path(tmp_path):
     moved = tmp_path / "moved"
     moved.mkdir()
     path.rename(moved / path.name)  # the paths no longer resolve next to the parquet: --image-root says where
-    opts = opts_for(tmp_path / "out2", columns=columns, require_caption=False, image_root=tmp_path)
+    # the output outside the image root: a folder inside it is refused (an input's folder, see issue 21)
+    out2 = tmp_path.with_name(tmp_path.name + "-out2")
+    opts = opts_for(out2, columns=columns, require_caption=False, image_root=tmp_path)
     report = convert([moved / path.name], opts)
     assert sorted(read_records(report.meta_path)) == ["0", "1", "2"]

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     import torch  # after argument parsing: --help stays fast
 
     from alip.caption.captioner import Captioner, DecodeSettings
-    from alip.caption.run import CaptionOptions, caption_inputs, merge_parts
+    from alip.caption.run import CaptionOptions, caption_inputs, merge_parts, refuse_inputs
     from alip.distributed import init_distributed
 
     opts = CaptionOptions(
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    refuse_inputs(args.inputs, opts)  # before a captioner is loaded for nothing
     if args.merge:
         report = merge_parts(args.inputs, opts)
         print(f"{report.path}: {report.num_samples} samples, {report.num_failed} failed {report.failures or ''}")

@@ -142,7 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete the shards and reports with this --prefix in --out-dir and convert everything again",
+        help="delete the files an earlier run with this --prefix wrote into --out-dir (its plan names them; no other "
+        "file is touched) and convert everything again",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_debug_flag(p)

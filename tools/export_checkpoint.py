@@ -21,6 +21,7 @@ from pathlib import Path
 
 import alip
 from alip.cli import add_debug_flag, guarded
+from alip.files import refuse_overlap
 
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # what alip.export_model writes
 
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.output.suffix not in OUTPUT_SUFFIXES:  # before a model is built for nothing
         parser.error(f"the output must end in {', '.join(OUTPUT_SUFFIXES)}, got {args.output.name}")
+    refuse_overlap(("the output", args.output), [("checkpoint", args.checkpoint)])  # it is written over
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     model, _, _ = alip.create_model(args.model)
     fmt = alip.load_checkpoint(model, args.checkpoint)

@@ -53,6 +53,7 @@ from alip.data.ingest.sample_index import SampleIndex
 from alip.data.ingest.shard_plan import ConvertOptions, index_inputs
 from alip.data.ingest.sources import Columns, InputError, Skip, read_image_bytes
 from alip.distributed import get_rank, get_world_size
+from alip.files import refuse_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +164,18 @@ class Work:
     todo: int  # samples without an entry (all ranks)
 
 
+def refuse_inputs(inputs: list[Path], opts: CaptionOptions) -> None:
+    """Before anything is read or deleted (--overwrite removes the sidecar and its parts): the sidecar is
+    no input, and lies inside no --image-root. OutputOverlapError names both."""
+    roots = [("--image-root", opts.image_root)] if opts.image_root is not None else []
+    refuse_overlap(("--out", opts.output), [*(("input", p) for p in inputs), *roots])
+
+
 def start_work(inputs: list[Path], opts: CaptionOptions, settings: dict, rank: int, world: int) -> Work:
     """Index the inputs, read what earlier runs left (refusing other settings and other inputs) and
     take this rank's share of the samples without an entry. Call it on every rank (it has barriers)."""
     sidecar = opts.output
+    refuse_inputs(inputs, opts)
     samples, skips = index_for_captioning(inputs, opts)
     if opts.overwrite and rank == 0:
         for p in [sidecar, *part_paths(sidecar)]:
@@ -319,6 +328,7 @@ def _caption_slice(
 
 def merge_parts(inputs: list[Path], opts: CaptionOptions) -> MergeReport:
     """Merge the part files of a finished run without loading a model (e.g. rank 0 died before its merge)."""
+    refuse_inputs(inputs, opts)
     samples, skips = index_for_captioning(inputs, opts)
     metas, _ = load_existing(opts.output, values=False)
     if not metas:

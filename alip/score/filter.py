@@ -44,7 +44,7 @@ import numpy as np
 from alip.cli import add_debug_flag, guarded
 from alip.data.format import schema
 from alip.data.format.recordio import RecordIOReader, read_idx_arrays
-from alip.files import FolderLock, sha256_file, write_json_atomic
+from alip.files import FolderLock, few, own_and_strangers, refuse_overlap, remove_own, sha256_file, write_json_atomic
 from alip.score.rule import SIGNALS, FilterInputError, Rule, combined_signal, decide
 
 logger = logging.getLogger(__name__)
@@ -237,23 +237,50 @@ def _plan_fingerprint(scores: Scores, source: Source, rule: Rule, prefix: str) -
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def _claim(out: Path, prefix: str, fingerprint: str, overwrite: bool) -> None:
-    """Refuse to mix two filter runs in one folder, as data2rec does; --overwrite clears the old one."""
+def own_files(prefix: str, num_shards: int) -> set[str]:
+    """The names the filter writes for `num_shards` source shards (with their temporary names): what
+    --overwrite may remove. The scores that --checkpoint wrote stay (a rerun reuses them)."""
+    names = {f"{prefix}{end}" for end in (".meta.json", ".filter-plan.json", ".dropped.csv")}
+    for k in range(num_shards):
+        stem = schema.shard_stem(prefix, k)
+        names |= {f"{stem}{ext}" for ext in (".rec", ".idx", ".texts.jsonl", ".done.json")}
+    return names | {f"{n}.tmp" for n in names}
+
+
+def _claim(out: Path, prefix: str, fingerprint: str, overwrite: bool, num_shards: int) -> None:
+    """Refuse to mix two filter runs in one folder, as data2rec does, and to write over files the filter did
+    not write. --overwrite removes what the earlier run's plan says the filter wrote, and only that."""
     plan_path = out / f"{prefix}.filter-plan.json"
+    plan = json.loads(plan_path.read_text()) if plan_path.exists() else None
+    # a plan from before num_shards was recorded: its shards are the ones its done stamps name
+    earlier = int(plan.get("num_shards", len(list(out.glob(f"{prefix}-*.done.json"))))) if plan else 0
+    kept = {f"{prefix}.scores.csv", f"{prefix}.scores.summary.json"}  # --checkpoint's scores: an input now
+    own, strangers = own_and_strangers(out, [f"{prefix}-*", f"{prefix}.*"], own_files(prefix, earlier) | kept)
+    own = [p for p in own if p.name not in kept]
+    strangers = [p for p in strangers if p.name not in kept]
     if overwrite:
-        for p in out.glob(f"{prefix}[-.]*"):
-            if p.name != f"{prefix}.scores.csv" and p.name != f"{prefix}.scores.summary.json":
-                p.unlink()
-    elif plan_path.exists():
-        if json.loads(plan_path.read_text()).get("fingerprint") == fingerprint:
+        clash = [p for p in strangers if p.name in own_files(prefix, num_shards)]
+        if clash:
+            raise FilterInputError(
+                f"{out} holds {len(clash)} file(s) alip-filter did not write under names it would write: "
+                f"{few(clash)}; --overwrite removes only the filter's own files: move these away, or choose "
+                "another --out-dir/--prefix"
+            )
+        remove_own(own, "alip-filter", logger)
+    elif plan is not None:
+        if plan.get("fingerprint") == fingerprint:
             return
         raise FilterInputError(
             f"{out} already holds a filtered set '{prefix}' made with other scores, shards or rule; "
             "pass --overwrite to replace it, or choose another --out-dir/--prefix"
         )
-    elif any(out.glob(f"{prefix}-*")) or (out / f"{prefix}.meta.json").exists():
-        raise FilterInputError(f"{out} already holds files '{prefix}-*' not made by alip-filter; pass --overwrite")
-    write_json_atomic(plan_path, {"fingerprint": fingerprint})
+    elif own or strangers:
+        found = own + strangers
+        raise FilterInputError(
+            f"{out} already holds {len(found)} file(s) '{prefix}-*' not made by alip-filter: {few(found)}; "
+            "move them away, or choose another --out-dir/--prefix"
+        )
+    write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards})
 
 
 def _load_done(path: Path) -> ShardDone | None:
@@ -366,9 +393,25 @@ def filter_shards(
     See the module docstring. Raises FilterInputError when the scores do not match the shards or the
     rule keeps nothing, FolderLockedError while another run writes into the folder."""
     out = Path(out_dir)
+    refuse_overlap(("--out-dir", out), input_paths(_spec(shards), scores_csv, checkpoint, out, prefix))
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, "alip-filter"):
         return _filter(Path(scores_csv), _spec(shards), out, rule, prefix, checkpoint, overwrite, progress)
+
+
+def input_paths(
+    spec: list[str], scores_csv: str | Path | None, checkpoint: str | Path | None, out: Path, prefix: str
+) -> list[tuple[str, str | Path]]:
+    """What the filter reads, with the option that named it: the output folder may be none of them, nor
+    hold or lie inside one. The shards as named (a folder, a meta JSON, a glob) and every file of theirs."""
+    paths: list[tuple[str, str | Path]] = [("--shards", f) for f in schema.dataset_files(spec)]
+    csv = Path(scores_csv) if scores_csv is not None else None
+    # <out>/<prefix>.scores.csv is where --checkpoint writes its scores: the filter's own file, which
+    # it never deletes or rewrites, so it may be read from there
+    if csv is not None and Path(os.path.realpath(csv)) != Path(os.path.realpath(out / f"{prefix}.scores.csv")):
+        paths += [("--scores", csv), ("--scores", csv.with_name(f"{csv.stem}.summary.json"))]
+    paths += [("--checkpoint", checkpoint)] if checkpoint is not None else []
+    return paths
 
 
 def _spec(shards: str | Path | list[str | Path]) -> list[str]:
@@ -389,7 +432,7 @@ def _filter(scores_csv, spec, out, rule, prefix, checkpoint, overwrite, progress
             f"the rule {rule.describe()} keeps none of the {len(kept)} records (the signal ranges from "
             f"{signal.min():.4f} to {signal.max():.4f}); nothing written"
         )
-    _claim(out, prefix, _plan_fingerprint(scores, source, rule, prefix), overwrite)
+    _claim(out, prefix, _plan_fingerprint(scores, source, rule, prefix), overwrite, len(source.shards))
     results, reused = [], 0
     with tqdm(total=len(source.shards), unit="shard", desc="alip-filter", disable=not progress) as bar:
         for i, shard, keep in _iter_shards(source, kept):
@@ -534,7 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep-fraction", default=None, help="keep the best F of all records (0 < F <= 1), or 'auto'")
     p.add_argument("--min-weight", type=float, default=None, help="keep records whose signal is >= this")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier filtered set with this prefix")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier filtered set with this prefix: only the files it wrote are deleted",
+    )
     p.add_argument("--model", default=None, help="with --checkpoint: open_clip model name for a weights file")
     p.add_argument("--device", default=None, help="with --checkpoint: default cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=256, help="with --checkpoint (default 256)")
@@ -551,6 +598,8 @@ def main(argv: list[str] | None = None) -> FilterReport:
         logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     rule = parse_rule(args)  # a bad rule fails before any scoring
     out = Path(args.out_dir)
+    # before scoring writes into the folder: --checkpoint's scores are an output there, not an input
+    refuse_overlap(("--out-dir", out), input_paths(_spec(args.shards), args.scores, args.checkpoint, out, args.prefix))
     scores = Path(args.scores) if args.scores else _score_first(args, out)
     report = filter_shards(
         scores,

@@ -21,8 +21,18 @@ from alip.data.format import schema
 from alip.data.format.recordio import ShardCheck
 from alip.data.loaders.preflight import prepare_shards
 from alip.data.loaders.torch_loader import RecordDataset
+from alip.files import refuse_overlap
 from alip.gates import PAIR_GATES
-from alip.score.ranking import BASE_COLUMNS, RANKING, TRUTH_COLUMNS, ScoreResult, join_truth, ranked_rows, read_truth
+from alip.score.ranking import (
+    BASE_COLUMNS,
+    RANKING,
+    TRUTH_COLUMNS,
+    ScoreResult,
+    default_summary_path,
+    join_truth,
+    ranked_rows,
+    read_truth,
+)
 from alip.score.signals import (
     EMA_NAMES,
     CheckpointInfo,
@@ -307,6 +317,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # before the model pass: the CSV and the summary are written over whatever has their names
+    inputs = [("--shards", f) for f in schema.dataset_files(args.shards)] + [("--checkpoint", args.checkpoint)]
+    inputs += [("--truth", args.truth)] if args.truth else []
+    summary = args.summary if args.summary is not None else default_summary_path(args.out)
+    for option, path in (("--out", args.out), ("--summary", summary)):
+        refuse_overlap((option, path), inputs)
     result = score_from_args(args)
     csv_path, summary_path = result.write(args.out, args.summary)
     print(format_summary(result, show=args.show))

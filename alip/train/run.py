@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from alip.cli import USER_ERRORS
 from alip.config import Config, ConfigError, RunShape, save_config, validate
+from alip.data.format import schema
 from alip.distributed import DistEnv, get_rank, init_distributed, read_env
-from alip.files import FolderLock
+from alip.files import FolderLock, refuse_overlap
 from alip.model import quiet_random_init
 from alip.train.checkpoint import checkpoint_dir, claim_directory, load_training_state, resolve_resume, set_aside
 from alip.train.resume import check_resume
@@ -80,11 +81,25 @@ def on_rank0(decide: Callable[[], T]) -> T:
     return outcome[0]
 
 
-def claim_run_dir(run_dir: Path, lock: FolderLock) -> None:
-    """Rank 0: the run folder is a folder, and this run holds its lock (a second trainer is refused)."""
+def claim_run_dir(run_dir: Path, lock: FolderLock, cfg: Config) -> None:
+    """Rank 0: the run folder is a folder apart from the run's inputs, and this run holds its lock (a
+    second trainer is refused)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} is a file, not a folder")
+    refuse_overlap(("output_dir", run_dir), run_inputs(cfg))
     lock.acquire()
+
+
+def run_inputs(cfg: Config) -> list[tuple[str, str]]:
+    """What a run reads, by config key: its shards and every file of theirs, the checkpoint it starts
+    from, the eval data. (A checkpoint it resumes from is its own, in the run folder.)"""
+    paths = [("data.train", f) for f in schema.dataset_files(cfg.data.train)] if cfg.data.train else []
+    named = {
+        "model.pretrained": cfg.model.pretrained,
+        "eval.retrieval": cfg.eval.retrieval,
+        "eval.zeroshot": cfg.eval.zeroshot,
+    }
+    return paths + [(key, value) for key, value in named.items() if value]
 
 
 def start_checkpoint(resume: str | None, directory: Path) -> tuple[Path | None, list[Path]]:
@@ -143,7 +158,7 @@ def train(cfg: Config, resume: str | None = None, reshard: bool = False) -> Trai
     run_dir = Path(cfg.output_dir)
     lock = FolderLock(run_dir, "alip.train")
     try:
-        on_rank0(lambda: claim_run_dir(run_dir, lock))
+        on_rank0(lambda: claim_run_dir(run_dir, lock, cfg))
         trainer = prepare(cfg, shape, run_dir, resume, device_for(env.local_rank), reshard)
         trainer.fit()
     finally:

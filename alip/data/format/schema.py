@@ -323,6 +323,21 @@ def resolve_shards(spec: str | Path | list[str | Path]) -> list[ShardInfo]:
     return [info for info, _ in resolve_dataset(spec)]
 
 
+def dataset_files(spec: str | Path | list[str | Path]) -> list[str]:
+    """Every path a set of shards consists of: what the user named (a meta JSON, a folder, a .rec; not a
+    glob) and each shard's .rec, .idx and texts sidecar. A tool's output must be none of them
+    (alip.files.refuse_overlap). Shards that do not resolve give only what was named: reading them
+    fails later, naming them."""
+    specs = [str(s) for s in spec] if isinstance(spec, (list, tuple)) else [str(spec)]
+    files = [s for s in specs if s and not any(c in s for c in "*?[")]
+    try:
+        for shard in resolve_shards(specs):
+            files += [shard.rec, shard.idx, *([shard.texts] if shard.texts else [])]
+    except (OSError, ValueError):
+        pass
+    return files
+
+
 def resolve_dataset(spec: str | Path | list[str | Path]) -> list[tuple[ShardInfo, TextSlots | None]]:
     """`resolve_shards`, each shard with the texts its meta JSON names (K = 1 for a meta JSON without
     "texts"), or None for a shard without meta JSON (`probe_slots` reads its records' label length)."""

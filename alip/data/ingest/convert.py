@@ -55,7 +55,15 @@ from alip.data.ingest.sources import (
     read_sidecar_header,
 )
 from alip.data.ingest.typed_columns import decode_tokens, open_tokens_npy, read_inputs
-from alip.files import FolderLock, sha256_file, write_json_atomic
+from alip.files import (
+    FolderLock,
+    few,
+    own_and_strangers,
+    refuse_overlap,
+    remove_own,
+    sha256_file,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +254,39 @@ def _bump(n: int) -> None:
 def convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
     """Run (or finish) a conversion. Raises InputError on unusable input or when nothing survives,
     FolderLockedError while another run writes into the folder, WorkerLostError when a worker was killed."""
+    refuse_overlap(("--out-dir", opts.out_dir), *_input_paths(inputs, opts))
     with FolderLock(opts.out_dir, "data2rec"):
         return _convert(inputs, opts)
+
+
+def _input_paths(inputs: list[Path], opts: ConvertOptions) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """Everything data2rec reads, with the option that named it: the output folder may be none of them, nor
+    hold one, nor lie inside one. And the folders it may lie inside but neither be nor hold: a manifest's
+    folder, which is the root of its image paths without --image-root (or with --image-root naming it):
+    writing the shards beside the manifest is the usual layout."""
+    paths = [("input", p) for p in inputs]
+    paths += [("--captions", opts.captions)] if opts.captions is not None else []
+    paths += [("--tokens-npy", opts.tokens_npy)] if opts.tokens_npy is not None else []
+    paths += [(f"--captions {c.name}", c.sidecar) for c in opts.more_captions if c.sidecar is not None]
+    folders = [p.parent for p in inputs if p.suffix != ".tar"]
+    beside = [("image root (the manifest's folder)", f) for f in folders] if opts.image_root is None else []
+    if opts.image_root is not None:
+        manifest_folder = os.path.realpath(opts.image_root) in {os.path.realpath(f) for f in folders}
+        (beside if manifest_folder else paths).append(("--image-root", opts.image_root))
+    return paths, beside
+
+
+NO_PLAN = "no usable input row"  # the plan of a run that found nothing to write but its skip report
+
+
+def own_files(prefix: str, num_shards: int) -> set[str]:
+    """The names data2rec writes for a plan of `num_shards` shards (with their temporary names): what
+    --overwrite may remove. Anything else in the folder is someone else's."""
+    names = {f"{prefix}{end}" for end in (".meta.json", ".plan.json", ".skipped.jsonl")}
+    for k in range(num_shards):
+        stem = schema.shard_stem(prefix, k)
+        names |= {f"{stem}{ext}" for ext in (".rec", ".idx", ".texts.jsonl", ".done.json")}
+    return names | {f"{n}.tmp" for n in names}
 
 
 def _convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
@@ -256,6 +295,7 @@ def _convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
     samples, index_skips = index_inputs(inputs, opts)
     num_inputs = len(samples) + len(index_skips)
     if not samples:
+        _claim_output(out, opts, NO_PLAN, 0)  # the skip report is data2rec's own file too
         _write_skip_report(out, opts.prefix, [asdict(s) for s in index_skips])
         raise InputError(f"none of the {num_inputs} input rows is usable; reasons in {opts.prefix}.skipped.jsonl")
     stat_images(samples)
@@ -297,20 +337,41 @@ def _convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
 
 
 def _claim_output(out: Path, opts: ConvertOptions, fingerprint: str, num_shards: int) -> None:
-    """Refuse to mix two different plans in one folder; --overwrite clears the old one and redoes all."""
+    """Refuse to mix two different plans in one folder, and to write over files data2rec did not write.
+    --overwrite removes what the earlier plan (`{prefix}.plan.json`) says data2rec wrote, and only that."""
     plan_path = out / f"{opts.prefix}.plan.json"
+    plan = json.loads(plan_path.read_text()) if plan_path.exists() else None
+    earlier = own_files(opts.prefix, int(plan.get("num_shards", 0))) if plan else set()
+    own, strangers = own_and_strangers(out, [f"{opts.prefix}-*", f"{opts.prefix}.*"], earlier)
     if opts.overwrite:
-        for p in out.glob(f"{opts.prefix}[-.]*"):
-            p.unlink()
-    elif plan_path.exists():
-        if json.loads(plan_path.read_text()).get("fingerprint") == fingerprint:
+        # a stranger's file under a name this plan writes would be overwritten: refuse before deleting anything
+        clash = [p for p in strangers if p.name in own_files(opts.prefix, num_shards)]
+        if clash:
+            raise InputError(
+                f"{out} holds {len(clash)} file(s) data2rec did not write under names it would write: {few(clash)}; "
+                "--overwrite removes only data2rec's own files: move these away, or choose another --out-dir/--prefix"
+            )
+        remove_own(own, "data2rec", logger)
+        if strangers:
+            logger.info("--overwrite leaves %d file(s) data2rec did not write: %s", len(strangers), few(strangers))
+    elif plan is not None:
+        if plan.get("fingerprint") == fingerprint:
+            return  # a rerun of the same plan: resume
+        if not plan.get("num_shards"):
+            # the earlier run found no usable row and left only its skip report: nothing to keep
+            remove_own(own, "data2rec", logger)
+            write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards, "seed": opts.seed})
             return
         raise InputError(
             f"{out} already holds shards '{opts.prefix}-*' from a run with other inputs or options; "
             "pass --overwrite to replace them, or choose another --out-dir/--prefix"
         )
-    elif any(out.glob(f"{opts.prefix}-*")):
-        raise InputError(f"{out} already holds files '{opts.prefix}-*' not made by data2rec; pass --overwrite")
+    elif strangers or own:
+        found = strangers + own
+        raise InputError(
+            f"{out} already holds {len(found)} file(s) '{opts.prefix}-*' not made by data2rec: {few(found)}; "
+            "move them away, or choose another --out-dir/--prefix"
+        )
     write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards, "seed": opts.seed})
 
 

@@ -17,6 +17,7 @@ texts, the epoch mode, the counters and the fingerprint of the records a state b
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from alip.data.format import position
 from alip.data.loaders.config import LoaderConfig, dropped_per_epoch
 from alip.data.loaders.preflight import prepare_dataset
 from alip.distributed import get_rank, get_world_size, read_env
+
+logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 
@@ -60,6 +63,7 @@ class RecordLoader(abc.ABC):
     device: where batches are yielded; default `cuda:<local rank>` when CUDA is available, else the CPU.
     """
 
+    NAME: str  # for the log: "DALI", "torch"
     STATE_KIND: str  # names the loader in its state: a state is only restored by its own kind
     STATE_VERSION: int
     steps_per_epoch: int  # set by each loader: it knows how its reader delivers the epoch
@@ -89,6 +93,30 @@ class RecordLoader(abc.ABC):
         self.epoch = 0
         self.step = 0  # batches of `epoch` already yielded
         self.shards_digest = position.shards_digest(self.shards)
+        self._open()
+        logger.info(
+            "%s %s loader: %d records in %d shards, rank %d/%d, %d steps of %d per epoch (last batch: %s, "
+            "%d records dropped per epoch), %s",
+            self.NAME,
+            "train" if train else "eval",
+            self.num_records,
+            len(self.shards),
+            self.rank,
+            self.world_size,
+            self.steps_per_epoch,
+            config.batch_size,
+            self.mode,
+            self.dropped_per_epoch,
+            self._reading(),
+        )
+
+    def _reading(self) -> str:
+        """How this loader reads, for its start-up line ("decoding on GPU", "4 workers")."""
+        return ""
+
+    @abc.abstractmethod
+    def _open(self) -> None:
+        """Build this loader's reader over `self.shards` and set `steps_per_epoch` (the end of __init__)."""
 
     def __len__(self) -> int:
         return self.steps_per_epoch

@@ -160,19 +160,15 @@ class DaliLoader(RecordLoader):
     """The RecordLoader (alip.data.loaders.base) that reads with DALI; JPEGs decode on the GPU when
     the device is a CUDA one, else on the CPU."""
 
+    NAME = "DALI"
     STATE_KIND = STATE_KIND
     STATE_VERSION = STATE_VERSION
 
-    def __init__(
-        self,
-        shards: str | Path | list[str | Path],
-        config: LoaderConfig,
-        train: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(shards, config, train, rank, world_size, device)
+    def _reading(self) -> str:
+        return "decoding on " + ("GPU" if self.device.type == "cuda" else "CPU")
+
+    def _open(self) -> None:
+        config = self.config
         self.steps_per_epoch = steps_per_epoch(self.num_records, config.batch_size, self.world_size, self.mode)
         # What the padded reader delivers per epoch; with "drop" the last of these are read, not yielded.
         self._reader_steps = steps_per_epoch(self.num_records, config.batch_size, self.world_size, "pad")
@@ -188,20 +184,6 @@ class DaliLoader(RecordLoader):
             self._tmpdir = tempfile.TemporaryDirectory(prefix="alip-dali-")
             self._index_path = str(combined_index(self.shards, Path(self._tmpdir.name) / "combined.idx"))
         self._iterator: DALIGenericIterator | None = self._build()
-        logger.info(
-            "DALI %s loader: %d records in %d shards, rank %d/%d, %d steps of %d per epoch (last batch: %s, "
-            "%d records dropped per epoch), decoding on %s",
-            "train" if train else "eval",
-            self.num_records,
-            len(self.shards),
-            self.rank,
-            self.world_size,
-            self.steps_per_epoch,
-            config.batch_size,
-            self.mode,
-            self.dropped_per_epoch,
-            "GPU" if self.device.type == "cuda" else "CPU",
-        )
 
     def _build(self, checkpoint: bytes | None = None, first_part: int | None = None) -> DALIGenericIterator:
         """The pipeline and its iterator, its first epoch on `first_part` (default: the loader's)."""

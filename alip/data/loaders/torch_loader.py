@@ -24,7 +24,6 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -318,19 +317,15 @@ class EpochSampler(Sampler):
 class TorchLoader(RecordLoader):
     """The RecordLoader (alip.data.loaders.base) that reads with a PyTorch DataLoader (see module docstring)."""
 
+    NAME = "torch"
     STATE_KIND = STATE_KIND
     STATE_VERSION = STATE_VERSION
 
-    def __init__(
-        self,
-        shards: str | Path | list[str | Path],
-        config: LoaderConfig,
-        train: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(shards, config, train, rank, world_size, device)
+    def _reading(self) -> str:
+        return f"{self.config.num_workers} workers"
+
+    def _open(self) -> None:
+        config, train = self.config, self.train
         self.dataset = RecordDataset(self.shards, config, train, self.slots)
         self.sampler = EpochSampler(
             self.num_records,
@@ -353,20 +348,6 @@ class TorchLoader(RecordLoader):
             # Workers live across epochs; the sampler runs in this process, so its epoch still applies.
             persistent_workers=workers > 0,
             prefetch_factor=config.prefetch if workers > 0 else None,
-        )
-        logger.info(
-            "torch %s loader: %d records in %d shards, rank %d/%d, %d steps of %d per epoch (last batch: %s, "
-            "%d records dropped per epoch), %d workers",
-            "train" if train else "eval",
-            self.num_records,
-            len(self.shards),
-            self.rank,
-            self.world_size,
-            self.steps_per_epoch,
-            config.batch_size,
-            self.mode,
-            self.dropped_per_epoch,
-            workers,
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
