@@ -57,7 +57,7 @@ def test_bipath_encodes_raw_text_and_caption_in_one_call(probe):
     image, tokens = probe
     raw, cap = tokens, tokens.flip(0)
     with mock.patch.object(model, "encode_text", wraps=model.encode_text) as spy, torch.no_grad():
-        out = alip.BiPathCLIP(model)(image, raw, cap)
+        out = alip.BiPathCLIP(model, text_trim="off")(image, raw, cap)  # untrimmed, as the release: one call
     assert spy.call_count == 1 and spy.call_args.args[0].shape == (8, 77)
     with torch.no_grad():
         torch.testing.assert_close(out["raw_features"], model.encode_text(raw, normalize=True), atol=1e-6, rtol=1e-5)

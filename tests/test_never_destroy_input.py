@@ -123,7 +123,7 @@ def test_data2rec_refuses_an_output_on_its_inputs(world, tmp_path, capsys, where
     assert not (d / "img" / ".alip.lock").exists() and not (d / "img" / "out").exists()  # nothing written
 
 
-def test_data2rec_overwrite_removes_only_its_own_files(world, tmp_path, capsys):
+def test_data2rec_overwrite_removes_only_its_own_files(world, tmp_path, capsys, caplog):
     """The issue's second case: a user's train-00000.rec.bak beside data2rec's shards survives --overwrite;
     a stranger's file under a name data2rec would write refuses the run before anything is deleted."""
     out = tmp_path / "out"
@@ -134,7 +134,12 @@ def test_data2rec_overwrite_removes_only_its_own_files(world, tmp_path, capsys):
     # other options, no --overwrite: refused, naming the reason
     refused(capsys, main, data2rec_argv(world, out, "--shard-records", "6"), "other inputs or options", "--overwrite")
     # --overwrite: data2rec's own files go (3 shards of 4), the stranger's stays, byte for byte
-    assert main([str(a) for a in data2rec_argv(world, out, "--shard-records", "6", "--overwrite")]) == 0
+    with caplog.at_level("INFO", logger="alip.data.ingest.convert"):
+        assert main([str(a) for a in data2rec_argv(world, out, "--shard-records", "6", "--overwrite")]) == 0
+    said = [r.getMessage() for r in caplog.records if "--overwrite" in r.getMessage()]
+    # 3 shards x (.rec, .idx, .texts.jsonl, .done.json) + meta, plan, skip report; said before acting
+    assert said[0].startswith("--overwrite: removing 15 file(s) data2rec wrote earlier: train-00000.done.json"), said
+    assert "leaves 1 file(s) data2rec did not write: train-00000.rec.bak" in said[1], said
     assert hashlib.sha256((out / "train-00000.rec.bak").read_bytes()).hexdigest() == keep.pop("bak")
     assert sorted(p.name for p in out.glob("train-*.rec")) == ["train-00000.rec", "train-00001.rec"]
     assert not (out / "train-00002.rec").exists()  # the earlier plan's third shard, removed as its own
