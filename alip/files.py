@@ -171,7 +171,7 @@ def own_and_strangers(folder: Path, patterns: Iterable[str], own: Iterable[str])
 
 
 def few(paths: Sequence[Path], shown: int = 5) -> str:
-    """ "a, b, c and 7 more": a list of files for one line of a message."""
+    """A list of files for one line of a message: "a, b, c and 7 more"."""
     names = [p.name for p in paths[:shown]]
     more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
     return ", ".join(names) + more
