@@ -138,14 +138,18 @@ def test_the_data_package_is_its_three_parts(graph):
     assert not loose, loose
 
 
-def test_the_format_needs_neither_torch_nor_dali():
-    """Reading a shard's records (inspect_rec, the filter, alip score's texts) needs no torch or DALI."""
-    for path in (PACKAGE / "data" / "format").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            heavy = [n for n in names if n.split(".")[0] in ("torch", "torchvision", "nvidia", "open_clip")]
-            assert not heavy, f"{path.name} imports {heavy}"
+LIGHT = [*(PACKAGE / "data" / "format").glob("*.py"), PACKAGE / "data/loaders/config.py", PACKAGE / "config.py"]
+
+
+@pytest.mark.parametrize("path", LIGHT, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_format_and_the_settings_need_neither_torch_nor_dali(path):
+    """Reading a shard's records (inspect_rec, the filter, alip score's texts) needs no torch or DALI, nor
+    does reading a run config (alip.config builds on the loaders' settings)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        heavy = [n for n in names if n.split(".")[0] in ("torch", "torchvision", "nvidia", "open_clip")]
+        assert not heavy, f"{path.name} imports {heavy}"
 
 
 def test_what_one_module_needs_from_another_is_public():

@@ -15,7 +15,7 @@ epoch without yielding it (at most one batch); eval mode without "pad" cuts the 
 
 "fill". DALI shuffles within a buffer, so the loader cannot ask for particular records; it keeps
 what it needs from what it has read. The number of padded rows of this rank's last batch is known
-from its part's size (`loader_config.fill_rows`, 0 to B), so the loader keeps that many rows of
+from its part's size (`alip.data.loaders.config.fill_rows`, 0 to B), so the loader keeps that many rows of
 the first batch it yields in an epoch (images, labels and source names, cloned, on the device they
 came on: fill x 3 x H x W float32, at most 308 MB at B = 512, 224 px) and puts them in place of the
 padded rows of the last batch. The first batch and the last are different batches (every part
