@@ -11,7 +11,7 @@ CLIP_BENCHMARK := 1.6.2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --isolated --progress-bar off
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench rehearse clean
 
 install: $(VENV)/.installed
 
@@ -37,5 +37,10 @@ lint: install
 bench: install
 	$(PY) benchmarks/loss_cost.py
 
+# The lent GPU machine's software (Python 3.12, torch 2.11, ...) rehearsed on the CPU in .rehearse/
+# (downloads ~3 GB once): not part of `make test` or CI. See benchmarks/device_rehearsal.sh.
+rehearse:
+	benchmarks/device_rehearsal.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info .rehearse

@@ -44,7 +44,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # sibling benchmark modules
 
-import open_clip  # noqa: E402
+import open_clip  # noqa: E402, F401  (first: without its wheels the suite stops here, before any stage)
 from text_trim import Step, batches, lengths_b, measure  # noqa: E402
 
 from alip.flops import device_peak_tflops, step_flops  # noqa: E402
@@ -234,11 +234,25 @@ def dali_available() -> bool:
     return True
 
 
+def versions() -> str:
+    """The software the figures were measured with, for RESULTS.md (the lent machine's is not ours)."""
+    import importlib.metadata as md
+    import platform
+
+    found = []
+    for name in ("torchvision", "transformers", "numpy", "open_clip_torch", "nvidia-dali-cuda130"):
+        try:
+            found.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            found.append(f"{name} absent")
+    return f"Python {platform.python_version()}; " + "; ".join(found)
+
+
 def print_table(rows: list[dict]) -> None:
     print("\n=== GPU suite ===")
     print(
         f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu (dry run)'}; "
-        f"torch {torch.__version__}; open_clip {open_clip.__version__}"
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}); {versions()}"
     )
     for row in rows:
         stage = row.get("stage")

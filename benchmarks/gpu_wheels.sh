@@ -2,8 +2,9 @@
 # Wheels that the lent GPU machine lacks, into the git-ignored folder .whl/ (carry it to the machine).
 #
 # The machine has Python 3.12 with torch, torchvision, timm, regex, safetensors, numpy, pyarrow,
-# scikit-learn, scikit-image and transformers, but not open_clip or ftfy (and its wcwidth), nor DALI.
-#   benchmarks/gpu_wheels.sh            # open_clip and friends (~2 MB): one call carries them
+# scikit-learn, scikit-image and transformers, but not open_clip or ftfy (and its wcwidth), nor
+# CLIP_benchmark, nor DALI.
+#   benchmarks/gpu_wheels.sh            # open_clip and friends (~4 MB): one call carries them
 #   benchmarks/gpu_wheels.sh --dali     # also DALI, split into parts of < 60 MB in .dali/ (not .whl/:
 #                                       # .whl travels whole in every call)
 # DALI's wheel (~200 MB) is over one call's 64 MiB: carry one part per back-to-back call into a
@@ -24,6 +25,9 @@ download() {
 }
 mkdir -p .whl
 download .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth
+# CLIP_benchmark's class names and templates (zero-shot eval reads its JSON files only; make install
+# takes it --no-deps too): without it, zero-shot evaluation on the device stops at its first class name
+download .whl clip-benchmark==1.6.2
 if [ "${1:-}" = "--dali" ]; then
   tmp=$(mktemp -d)
   download "$tmp" nvidia-dali-cuda130==2.4.0

@@ -1,6 +1,7 @@
 """benchmarks/gpu_suite.py --cpu-dry-run: every stage's code path runs, so the suite is ready when a GPU is."""
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -24,7 +25,11 @@ def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     failed = [r for r in rows if "status" in r]
-    assert not failed, failed
+    # without DALI (the lent machine's software, rehearsed by benchmarks/device_rehearsal.sh) its stage is
+    # reported as skipped, by design; with it (make test) every stage runs
+    dali = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    skipped = [] if dali else [{"stage": "dali", "status": "skipped: nvidia.dali is not installed on this machine"}]
+    assert failed == skipped, failed
     by_stage = {}
     for r in rows:
         by_stage.setdefault(r["stage"], []).append(r)
@@ -36,7 +41,7 @@ def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
     assert any("skipped" in r.get("pytest", "") for r in by_stage["tests"])  # no GPU here: collected, skipped
     assert any("alip_ms" in r for r in by_stage["loss"]) and any("ours_test_acc" in r for r in by_stage["probe"])
     assert any("end_to_end_images_per_s" in r for r in by_stage["caption"])
-    assert {r.get("loader") for r in by_stage["dali"]} >= {"dali", "torch"}
+    assert {r.get("loader") for r in by_stage["dali"]} >= ({"dali", "torch"} if dali else set())
     assert res.stdout.rstrip().splitlines()[-1].startswith("dali")  # the table comes last
 
 
