@@ -40,9 +40,12 @@ from alip.data.format import schema
 from alip.data.format.images import BadImage, prepare_image
 from alip.data.format.recordio import RecordIOWriter
 from alip.data.ingest.shard_plan import (
+    NO_PLAN,
     ConvertOptions,
     ShardTask,
     index_inputs,
+    input_paths,
+    own_files,
     plan_fingerprint,
     plan_shards,
     shard_stamp,
@@ -254,39 +257,9 @@ def _bump(n: int) -> None:
 def convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:
     """Run (or finish) a conversion. Raises InputError on unusable input or when nothing survives,
     FolderLockedError while another run writes into the folder, WorkerLostError when a worker was killed."""
-    refuse_overlap(("--out-dir", opts.out_dir), *_input_paths(inputs, opts))
+    refuse_overlap(("--out-dir", opts.out_dir), *input_paths(inputs, opts))
     with FolderLock(opts.out_dir, "data2rec"):
         return _convert(inputs, opts)
-
-
-def _input_paths(inputs: list[Path], opts: ConvertOptions) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
-    """Everything data2rec reads, with the option that named it: the output folder may be none of them, nor
-    hold one, nor lie inside one. And the folders it may lie inside but neither be nor hold: a manifest's
-    folder, which is the root of its image paths without --image-root (or with --image-root naming it):
-    writing the shards beside the manifest is the usual layout."""
-    paths = [("input", p) for p in inputs]
-    paths += [("--captions", opts.captions)] if opts.captions is not None else []
-    paths += [("--tokens-npy", opts.tokens_npy)] if opts.tokens_npy is not None else []
-    paths += [(f"--captions {c.name}", c.sidecar) for c in opts.more_captions if c.sidecar is not None]
-    folders = [p.parent for p in inputs if p.suffix != ".tar"]
-    beside = [("image root (the manifest's folder)", f) for f in folders] if opts.image_root is None else []
-    if opts.image_root is not None:
-        manifest_folder = os.path.realpath(opts.image_root) in {os.path.realpath(f) for f in folders}
-        (beside if manifest_folder else paths).append(("--image-root", opts.image_root))
-    return paths, beside
-
-
-NO_PLAN = "no usable input row"  # the plan of a run that found nothing to write but its skip report
-
-
-def own_files(prefix: str, num_shards: int) -> set[str]:
-    """The names data2rec writes for a plan of `num_shards` shards (with their temporary names): what
-    --overwrite may remove. Anything else in the folder is someone else's."""
-    names = {f"{prefix}{end}" for end in (".meta.json", ".plan.json", ".skipped.jsonl")}
-    for k in range(num_shards):
-        stem = schema.shard_stem(prefix, k)
-        names |= {f"{stem}{ext}" for ext in (".rec", ".idx", ".texts.jsonl", ".done.json")}
-    return names | {f"{n}.tmp" for n in names}
 
 
 def _convert(inputs: list[Path], opts: ConvertOptions) -> ConvertReport:

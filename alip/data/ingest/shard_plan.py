@@ -1,6 +1,8 @@
 """data2rec's steps 1 and 2 (see alip.data.ingest.convert): index the inputs into columns, join the
 captions, then shuffle once and cut the samples into shards, with the fingerprint that ties an output
-folder to its plan and the stamps that tell a rerun which shards are stale. Nothing here writes a file.
+folder to its plan and the stamps that tell a rerun which shards are stale; and what the output folder
+must keep apart from: the paths data2rec reads, the names it writes (`--overwrite` removes those only).
+Nothing here writes a file.
 """
 
 from __future__ import annotations
@@ -409,3 +411,36 @@ def shard_stamp(task: ShardTask) -> str:
     sizes, mtimes = _task_ints(task, "size").tolist(), _task_ints(task, "mtime_ns").tolist()
     h.update("".join(f"{size}:{mtime}\n" for size, mtime in zip(sizes, mtimes, strict=True)).encode())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- the output folder and the inputs
+
+
+def input_paths(inputs: list[Path], opts: ConvertOptions) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """Everything data2rec reads, with the option that named it: the output folder may be none of them, nor
+    hold one, nor lie inside one. And the folders it may lie inside but neither be nor hold: a manifest's
+    folder, which is the root of its image paths without --image-root (or with --image-root naming it):
+    writing the shards beside the manifest is the usual layout."""
+    paths = [("input", p) for p in inputs]
+    paths += [("--captions", opts.captions)] if opts.captions is not None else []
+    paths += [("--tokens-npy", opts.tokens_npy)] if opts.tokens_npy is not None else []
+    paths += [(f"--captions {c.name}", c.sidecar) for c in opts.more_captions if c.sidecar is not None]
+    folders = [p.parent for p in inputs if p.suffix != ".tar"]
+    beside = [("image root (the manifest's folder)", f) for f in folders] if opts.image_root is None else []
+    if opts.image_root is not None:
+        manifest_folder = os.path.realpath(opts.image_root) in {os.path.realpath(f) for f in folders}
+        (beside if manifest_folder else paths).append(("--image-root", opts.image_root))
+    return paths, beside
+
+
+NO_PLAN = "no usable input row"  # the plan of a run that found nothing to write but its skip report
+
+
+def own_files(prefix: str, num_shards: int) -> set[str]:
+    """The names data2rec writes for a plan of `num_shards` shards (with their temporary names): what
+    --overwrite may remove. Anything else in the folder is someone else's."""
+    names = {f"{prefix}{end}" for end in (".meta.json", ".plan.json", ".skipped.jsonl")}
+    for k in range(num_shards):
+        stem = schema.shard_stem(prefix, k)
+        names |= {f"{stem}{ext}" for ext in (".rec", ".idx", ".texts.jsonl", ".done.json")}
+    return names | {f"{n}.tmp" for n in names}
