@@ -184,3 +184,51 @@ def remove_own(files: Sequence[Path], tool: str, log: logging.Logger) -> None:
     log.info("--overwrite: removing %d file(s) %s wrote earlier: %s", len(files), tool, few(files))
     for p in files:
         p.unlink(missing_ok=True)
+
+
+def claim_folder(
+    out: Path,
+    prefix: str,
+    tool: str,
+    *,
+    plan: str,
+    earlier: set[str],
+    names: set[str],
+    overwrite: bool,
+    error: type[Exception],
+    log: logging.Logger,
+    keep: frozenset[str] = frozenset(),
+) -> None:
+    """Before `tool` writes the files `names` into `out`: what may happen to the files with its prefix there.
+
+    plan: what the folder's plan file says of the run before: "none" (no plan file), "same" (this run's
+    plan: a resume), "empty" (a run that left nothing worth keeping), "other" (a run with other inputs).
+    earlier: the names that run wrote (from its plan). keep: names of the tool's that stay even with
+    --overwrite. Raises `error` where a stranger's file has a name the run would write, where another
+    run's files are there without --overwrite, and, without a plan, where a stranger's `{prefix}-*` files
+    are (they would mix with the new shards); else --overwrite (or an "empty" plan) removes the earlier
+    run's own files, and a stranger's are left where they are."""
+    own, strangers = own_and_strangers(out, [f"{prefix}-*", f"{prefix}.*"], earlier | keep)
+    own = [p for p in own if p.name not in keep]
+    strangers = [p for p in strangers if p.name not in keep]
+    clash = [p for p in strangers if p.name in names]
+    if clash:
+        raise error(
+            f"{out} holds {len(clash)} file(s) not made by {tool} under names it would write: {few(clash)}; "
+            f"move them away, or choose another --out-dir/--prefix ({tool} never deletes or writes over them)"
+        )
+    if plan == "other" and not overwrite:
+        raise error(
+            f"{out} already holds '{prefix}' files from a {tool} run with other inputs or options; pass "
+            f"--overwrite to replace them (only the files that run wrote), or choose another --out-dir/--prefix"
+        )
+    foreign = [p for p in strangers if p.name.startswith(f"{prefix}-")]
+    if plan == "none" and foreign and not overwrite:
+        raise error(
+            f"{out} already holds {len(foreign)} file(s) '{prefix}-*' not made by {tool}: {few(foreign)}; move "
+            "them away or choose another --out-dir/--prefix (--overwrite writes beside them and leaves them)"
+        )
+    if overwrite or plan == "empty":
+        remove_own(own, tool, log)
+    if overwrite and strangers:
+        log.info("--overwrite leaves %d file(s) %s did not write: %s", len(strangers), tool, few(strangers))

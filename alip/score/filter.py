@@ -44,7 +44,7 @@ import numpy as np
 from alip.cli import add_debug_flag, guarded
 from alip.data.format import schema
 from alip.data.format.recordio import RecordIOReader, read_idx_arrays
-from alip.files import FolderLock, few, own_and_strangers, refuse_overlap, remove_own, sha256_file, write_json_atomic
+from alip.files import FolderLock, claim_folder, refuse_overlap, sha256_file, write_json_atomic
 from alip.score.rule import SIGNALS, FilterInputError, Rule, combined_signal, decide
 
 logger = logging.getLogger(__name__)
@@ -252,35 +252,16 @@ def _claim(out: Path, prefix: str, fingerprint: str, overwrite: bool, num_shards
     not write. --overwrite removes what the earlier run's plan says the filter wrote, and only that."""
     plan_path = out / f"{prefix}.filter-plan.json"
     plan = json.loads(plan_path.read_text()) if plan_path.exists() else None
+    state = "none" if plan is None else "same" if plan.get("fingerprint") == fingerprint else "other"
     # a plan from before num_shards was recorded: its shards are the ones its done stamps name
     earlier = int(plan.get("num_shards", len(list(out.glob(f"{prefix}-*.done.json"))))) if plan else 0
-    kept = {f"{prefix}.scores.csv", f"{prefix}.scores.summary.json"}  # --checkpoint's scores: an input now
-    own, strangers = own_and_strangers(out, [f"{prefix}-*", f"{prefix}.*"], own_files(prefix, earlier) | kept)
-    own = [p for p in own if p.name not in kept]
-    strangers = [p for p in strangers if p.name not in kept]
-    if overwrite:
-        clash = [p for p in strangers if p.name in own_files(prefix, num_shards)]
-        if clash:
-            raise FilterInputError(
-                f"{out} holds {len(clash)} file(s) alip-filter did not write under names it would write: "
-                f"{few(clash)}; --overwrite removes only the filter's own files: move these away, or choose "
-                "another --out-dir/--prefix"
-            )
-        remove_own(own, "alip-filter", logger)
-    elif plan is not None:
-        if plan.get("fingerprint") == fingerprint:
-            return
-        raise FilterInputError(
-            f"{out} already holds a filtered set '{prefix}' made with other scores, shards or rule; "
-            "pass --overwrite to replace it, or choose another --out-dir/--prefix"
-        )
-    elif own or strangers:
-        found = own + strangers
-        raise FilterInputError(
-            f"{out} already holds {len(found)} file(s) '{prefix}-*' not made by alip-filter: {few(found)}; "
-            "move them away, or choose another --out-dir/--prefix"
-        )
-    write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards})
+    claim_folder(
+        out, prefix, "alip-filter", plan=state, earlier=own_files(prefix, earlier), names=own_files(prefix, num_shards),
+        overwrite=overwrite, error=FilterInputError, log=logger,
+        keep=frozenset({f"{prefix}.scores.csv", f"{prefix}.scores.summary.json"}),  # --checkpoint's scores: read now
+    )  # fmt: skip
+    if state != "same" or overwrite:
+        write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards})
 
 
 def _load_done(path: Path) -> ShardDone | None:

@@ -60,10 +60,8 @@ from alip.data.ingest.sources import (
 from alip.data.ingest.typed_columns import decode_tokens, open_tokens_npy, read_inputs
 from alip.files import (
     FolderLock,
-    few,
-    own_and_strangers,
+    claim_folder,
     refuse_overlap,
-    remove_own,
     sha256_file,
     write_json_atomic,
 )
@@ -314,38 +312,20 @@ def _claim_output(out: Path, opts: ConvertOptions, fingerprint: str, num_shards:
     --overwrite removes what the earlier plan (`{prefix}.plan.json`) says data2rec wrote, and only that."""
     plan_path = out / f"{opts.prefix}.plan.json"
     plan = json.loads(plan_path.read_text()) if plan_path.exists() else None
+    if plan is None:
+        state = "none"
+    elif plan.get("fingerprint") == fingerprint:
+        state = "same"  # a rerun of the same plan: resume
+    else:  # a run that found no usable row left only its skip report: nothing to keep
+        state = "other" if plan.get("num_shards") else "empty"
     earlier = own_files(opts.prefix, int(plan.get("num_shards", 0))) if plan else set()
-    own, strangers = own_and_strangers(out, [f"{opts.prefix}-*", f"{opts.prefix}.*"], earlier)
-    if opts.overwrite:
-        # a stranger's file under a name this plan writes would be overwritten: refuse before deleting anything
-        clash = [p for p in strangers if p.name in own_files(opts.prefix, num_shards)]
-        if clash:
-            raise InputError(
-                f"{out} holds {len(clash)} file(s) data2rec did not write under names it would write: {few(clash)}; "
-                "--overwrite removes only data2rec's own files: move these away, or choose another --out-dir/--prefix"
-            )
-        remove_own(own, "data2rec", logger)
-        if strangers:
-            logger.info("--overwrite leaves %d file(s) data2rec did not write: %s", len(strangers), few(strangers))
-    elif plan is not None:
-        if plan.get("fingerprint") == fingerprint:
-            return  # a rerun of the same plan: resume
-        if not plan.get("num_shards"):
-            # the earlier run found no usable row and left only its skip report: nothing to keep
-            remove_own(own, "data2rec", logger)
-            write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards, "seed": opts.seed})
-            return
-        raise InputError(
-            f"{out} already holds shards '{opts.prefix}-*' from a run with other inputs or options; "
-            "pass --overwrite to replace them, or choose another --out-dir/--prefix"
-        )
-    elif strangers or own:
-        found = strangers + own
-        raise InputError(
-            f"{out} already holds {len(found)} file(s) '{opts.prefix}-*' not made by data2rec: {few(found)}; "
-            "move them away, or choose another --out-dir/--prefix"
-        )
-    write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards, "seed": opts.seed})
+    names = own_files(opts.prefix, num_shards)
+    claim_folder(
+        out, opts.prefix, "data2rec", plan=state, earlier=earlier, names=names, overwrite=opts.overwrite,
+        error=InputError, log=logger,
+    )  # fmt: skip
+    if state != "same" or opts.overwrite:
+        write_json_atomic(plan_path, {"fingerprint": fingerprint, "num_shards": num_shards, "seed": opts.seed})
 
 
 def _completed_shards(out: Path, tasks: list[ShardTask]) -> dict[str, ShardResult]:
