@@ -291,3 +291,17 @@ def test_data2rec_may_write_beside_its_manifest(world, tmp_path, image_root):
     assert guarded(tool("data2rec").main)([str(a) for a in argv]) == 0
     unchanged(before, d)
     assert (d / "out" / "train.meta.json").is_file()
+
+
+def test_data2rec_after_a_run_that_found_nothing_needs_no_overwrite(world, tmp_path, capsys):
+    """A run whose rows are all unusable leaves only its skip report (and a plan of 0 shards, naming that
+    report as its own): the run after the fix writes into the same folder without --overwrite."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"key": "x", "image": None, "text": "t", "caption": "c"}) + "\n")  # a skip at indexing
+    out = tmp_path / "out"
+    main = guarded(tool("data2rec").main)
+    argv = [bad, "--image-root", world / "img", "--caption-col", "caption", "--key-col", "key", "--out-dir", out]
+    refused(capsys, main, [*argv, "--workers", "1", "--no-progress"], "train.skipped.jsonl")
+    assert json.loads((out / "train.plan.json").read_text())["num_shards"] == 0
+    assert main([str(a) for a in data2rec_argv(world, out)]) == 0
+    assert json.loads((out / "train.meta.json").read_text())["shards"]
