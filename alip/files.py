@@ -162,7 +162,7 @@ def refuse_overlap(
                 )
 
 
-def own_and_strangers(folder: Path, patterns: Iterable[str], own: Iterable[str]) -> tuple[list[Path], list[Path]]:
+def _own_and_strangers(folder: Path, patterns: Iterable[str], own: Iterable[str]) -> tuple[list[Path], list[Path]]:
     """The files of `folder` matching `patterns` (globs), split into those named in `own` (what this tool's
     stamps say it wrote) and the others (strangers: never deleted, never overwritten)."""
     own = set(own)
@@ -177,7 +177,7 @@ def few(paths: Sequence[Path], shown: int = 5) -> str:
     return ", ".join(names) + more
 
 
-def remove_own(files: Sequence[Path], tool: str, log: logging.Logger) -> None:
+def _remove_own(files: Sequence[Path], tool: str, log: logging.Logger) -> None:
     """--overwrite: delete exactly `files` (this tool's own, from its stamps), saying how many and which first."""
     if not files:
         return
@@ -208,7 +208,7 @@ def claim_folder(
     run's files are there without --overwrite, and, without a plan, where a stranger's `{prefix}-*` files
     are (they would mix with the new shards); else --overwrite (or an "empty" plan) removes the earlier
     run's own files, and a stranger's are left where they are."""
-    own, strangers = own_and_strangers(out, [f"{prefix}-*", f"{prefix}.*"], earlier | keep)
+    own, strangers = _own_and_strangers(out, [f"{prefix}-*", f"{prefix}.*"], earlier | keep)
     own = [p for p in own if p.name not in keep]
     strangers = [p for p in strangers if p.name not in keep]
     clash = [p for p in strangers if p.name in names]
@@ -229,6 +229,6 @@ def claim_folder(
             "them away or choose another --out-dir/--prefix (--overwrite writes beside them and leaves them)"
         )
     if overwrite or plan == "empty":
-        remove_own(own, tool, log)
+        _remove_own(own, tool, log)
     if overwrite and strangers:
         log.info("--overwrite leaves %d file(s) %s did not write: %s", len(strangers), tool, few(strangers))

@@ -238,13 +238,9 @@ def _plan_fingerprint(scores: Scores, source: Source, rule: Rule, prefix: str) -
 
 
 def own_files(prefix: str, num_shards: int) -> set[str]:
-    """The names the filter writes for `num_shards` source shards (with their temporary names): what
-    --overwrite may remove. The scores that --checkpoint wrote stay (a rerun reuses them)."""
-    names = {f"{prefix}{end}" for end in (".meta.json", ".filter-plan.json", ".dropped.csv")}
-    for k in range(num_shards):
-        stem = schema.shard_stem(prefix, k)
-        names |= {f"{stem}{ext}" for ext in (".rec", ".idx", ".texts.jsonl", ".done.json")}
-    return names | {f"{n}.tmp" for n in names}
+    """The names the filter writes for `num_shards` source shards: what --overwrite may remove. The scores
+    that --checkpoint wrote stay (a rerun reuses them)."""
+    return schema.shard_set_names(prefix, num_shards, (".filter-plan.json", ".dropped.csv"))
 
 
 def _claim(out: Path, prefix: str, fingerprint: str, overwrite: bool, num_shards: int) -> None:

@@ -120,6 +120,17 @@ def shard_stem(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}"
 
 
+def shard_set_names(prefix: str, num_shards: int, reports: tuple[str, ...]) -> set[str]:
+    """The file names a tool writes for a set of `num_shards` shards: each shard's .rec, .idx, texts
+    sidecar and done stamp, the meta JSON and the tool's `reports` (suffixes after the prefix), each also
+    under its temporary name. What the tool's --overwrite may remove; any other file is someone else's."""
+    names = {f"{prefix}{end}" for end in (".meta.json", *reports)}
+    for k in range(num_shards):
+        stem = shard_stem(prefix, k)
+        names |= {f"{stem}{ext}" for ext in (".rec", ".idx", ".texts.jsonl", ".done.json")}
+    return names | {f"{n}.tmp" for n in names}
+
+
 def meta_path(out_dir: str | Path, prefix: str) -> Path:
     return Path(out_dir) / f"{prefix}.meta.json"
 

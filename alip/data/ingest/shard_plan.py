@@ -437,10 +437,5 @@ NO_PLAN = "no usable input row"  # the plan of a run that found nothing to write
 
 
 def own_files(prefix: str, num_shards: int) -> set[str]:
-    """The names data2rec writes for a plan of `num_shards` shards (with their temporary names): what
-    --overwrite may remove. Anything else in the folder is someone else's."""
-    names = {f"{prefix}{end}" for end in (".meta.json", ".plan.json", ".skipped.jsonl")}
-    for k in range(num_shards):
-        stem = schema.shard_stem(prefix, k)
-        names |= {f"{stem}{ext}" for ext in (".rec", ".idx", ".texts.jsonl", ".done.json")}
-    return names | {f"{n}.tmp" for n in names}
+    """The names data2rec writes for a plan of `num_shards` shards: what --overwrite may remove."""
+    return schema.shard_set_names(prefix, num_shards, (".plan.json", ".skipped.jsonl"))

@@ -357,20 +357,16 @@ class DaliLoader(RecordLoader):
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "step": self.step,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch_size": self.config.batch_size,
-            "num_records": self.num_records,
-            "train": int(self.train),
-            "last_batch": self.mode,
+            **self._sharding(),
             "first_part": self._first_part,
             "shards_digest": self.shards_digest,
             "dali_checkpoint": base64.b64encode(checkpoint).decode("ascii"),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the loader that wrote `state` stood. Raises ValueError on a mismatch."""
-        expected = {
+    def _sharding(self) -> dict[str, int | str]:
+        """What a state must have been written under to be restored here: its pipeline checkpoint is per
+        rank, world size, batch size, records, mode and epoch cut."""
+        return {
             "rank": self.rank,
             "world_size": self.world_size,
             "batch_size": self.config.batch_size,
@@ -378,7 +374,10 @@ class DaliLoader(RecordLoader):
             "train": int(self.train),
             "last_batch": self.mode,
         }
-        state = self.check_state(state, expected)  # the DALI checkpoint is per rank and per sharding
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the loader that wrote `state` stood. Raises ValueError on a mismatch."""
+        state = self.check_state(state, self._sharding())  # the DALI checkpoint is per rank and per sharding
         checkpoint = base64.b64decode(state["dali_checkpoint"])
         # A pipeline can only be restored when it is built: replace the running one, built as that one was.
         self._first_part = int(state.get("first_part", self.rank))
