@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PIP) --no-deps clip-benchmark==$(CLIP_BENCHMARK)
 	touch $@
 
+# Two pytest workers (pytest-xdist), each running whole files, so module fixtures and a file's order hold:
+# CI's 2 cores are busy while the other worker waits on a subprocess or a spawned rank.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The demo: generated noisy data -> shards -> CLIP / ALIP w/o gates / ALIP -> eval -> report (demo_out/report).
 demo: install

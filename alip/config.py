@@ -52,10 +52,19 @@ class ModelConfig:
     # end token. Exact (same features and gradients); "off" computes all 77 positions, as the release.
     text_trim: Literal["off", "batch", "buckets"] = "buckets"
     text_buckets: int = 4  # "buckets": at most this many tower calls per step
+    # The learnable logit scale's start, ln t (null: open_clip's ln(1/0.07), CLIP's), and SigLIP's learnable
+    # bias (null: none; loss.objective=sigmoid needs one: SigLIP starts at ln 10 and -10, so that the
+    # first steps' sigmoids sit near the 1/N prior of a positive pair rather than at 1/2). A model.pretrained
+    # checkpoint's values replace both where it has them.
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
 
 
 @dataclass
 class LossConfig:
+    # "softmax": the release's InfoNCE over the global batch; "sigmoid": SigLIP's pairwise loss (no
+    # normalisation over the batch; needs model.init_logit_bias). The gates are the same (alip.loss).
+    objective: Literal["softmax", "sigmoid"] = "softmax"
     use_caption: bool = True  # False: plain CLIP on the raw text
     use_gates: bool = True  # False: both terms, all weights 1 (the paper's "w/o adaptive weights")
     pair_gate: Literal["official", "paper"] = "official"
@@ -325,6 +334,8 @@ RANGES: dict[str, Range] = {
     "data.num_threads": AT_LEAST_1,
     "data.num_workers": NON_NEGATIVE,  # 0: decode in the training process
     "model.text_buckets": AT_LEAST_1,
+    "model.init_logit_scale": Range(0, math.log(100)),  # ln t: the trainer clamps it to [0, ln 100], as open_clip
+    "model.init_logit_bias": Range(-math.inf, math.inf),  # any finite value
     "loss.momentum": BELOW_1,
     "loss.power": POSITIVE,
     "optim.lr": POSITIVE,
@@ -386,6 +397,13 @@ def validate(cfg: Config, world_size: int | None = None) -> RunShape | None:
     splits across ranks. All problems are reported at once, on one line."""
     t, loss = cfg.train, cfg.loss
     problems = _range_problems(cfg)
+    bias = cfg.model.init_logit_bias
+    if loss.objective == "sigmoid" and bias is None:
+        problems.append(
+            "loss.objective=sigmoid needs model.init_logit_bias (SigLIP: -10, with model.init_logit_scale=2.3026)"
+        )
+    if loss.objective == "softmax" and bias is not None:
+        problems.append("model.init_logit_bias is for loss.objective=sigmoid: a softmax over the batch cancels a bias")
     if loss.use_gates and not loss.use_caption:
         problems.append("loss.use_gates=true needs loss.use_caption=true: the gates compare raw text with the caption")
     weights = loss.caption_weights

@@ -9,6 +9,17 @@ caption (c) features:
 
 where l_i is the symmetric InfoNCE term of sample i and the weights come from `alip.gates`.
 
+The sigmoid objective (`objective="sigmoid"`, SigLIP's pairwise loss, Zhai et al. 2023). With the
+learnable scale t and bias b, z_ij = +1 for i = j and -1 otherwise, the per-sample term of a pair of
+feature sets (a, b) is half its row plus half its column of pairwise terms:
+
+    l_i(a, b) = 1/2 * sum_j [ -log sigmoid(z_ij (t a_i.b_j + b)) - log sigmoid(z_ji (t a_j.b_i + b)) ]
+
+Every pair (i, j) is in row i and in column j, so mean_i l_i = (1/N) sum_ij -log sigmoid(z_ij (...)):
+with all weights 1 it is exactly open_clip's SigLipLoss (tests/test_loss_sigmoid.py). The gates are the
+softmax objective's, unchanged: w_s,i * w_t,i weights l_i(v, t) and w_s,i * w_c,i weights l_i(v, c), so a
+weighted pair (i, j) counts with (w_i + w_j) / 2, the mean of the weights of the two samples it involves.
+
 Several caption sources (records with K caption slots, `caption_sources`; issue 14). Each source k has
 its own running means mu_tc^k, mu_ic^k (captioners differ in how close their captions sit to the raw
 text and the image); mu_it stays one. With relative weights p_k normalised to sum 1 (`caption_weights`):
@@ -57,6 +68,7 @@ from alip.distributed import all_gather_cat, get_rank, get_world_size
 from alip.gates import ConsistencyGates, GateWeights, SourceGateWeights
 
 CAPTION_MODES = ("all", "sample")
+OBJECTIVES = ("softmax", "sigmoid")
 
 
 class NonFiniteLossInputError(FloatingPointError):
@@ -88,6 +100,32 @@ def _symmetric_ce(
     ) / 2
 
 
+def _symmetric_sigmoid(
+    a_local: torch.Tensor,
+    b_local: torch.Tensor,
+    a_all: torch.Tensor,
+    b_all: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    row_offset: int,
+    local_loss: bool,
+) -> torch.Tensor:
+    """Per-sample sigmoid term l_i(a, b) (module docstring); shape [B] with local loss, else [N].
+
+    Row i of a against every b, and b_i against every a (column i), each [B, N] with local loss: the same
+    memory as the softmax's two [B, N] logit blocks, and the same gather."""
+    if local_loss:
+        logits_ab = logit_scale * a_local @ b_all.T + logit_bias  # [B, N]: row i
+        logits_ba = logit_scale * b_local @ a_all.T + logit_bias  # [B, N]: column i
+    else:
+        logits_ab = logit_scale * a_all @ b_all.T + logit_bias  # [N, N]
+        logits_ba = logits_ab.T
+    rows = torch.arange(logits_ab.shape[0], device=logits_ab.device)
+    signs = torch.full_like(logits_ab, -1.0)
+    signs[rows, rows + (row_offset if local_loss else 0)] = 1.0  # z: the positive pair of each row
+    return -(F.logsigmoid(signs * logits_ab).sum(1) + F.logsigmoid(signs * logits_ba).sum(1)) / 2
+
+
 def caption_probabilities(weights: Sequence[float] | None, num_sources: int) -> tuple[float, ...]:
     """Relative per-source weights (uniform when None) normalised to sum 1, so the caption terms
     together weigh as much as the raw-text term, as ALIP's one caption does; K = 1 gives (1.0,)."""
@@ -116,9 +154,12 @@ class AlipLoss(nn.Module):
             with `caption_weights`; "sample": each sample comes with ONE caption, drawn by the caller
             with `caption_weights` as probabilities, and its source index (`caption_source`).
         caption_weights: K relative weights (default uniform), normalised to sum 1.
+        objective: "softmax" (the release's InfoNCE) or "sigmoid" (SigLIP's pairwise loss, which needs the
+            model's learnable `logit_bias`); the gates are the same for both (module docstring).
 
     Call with the L2-normalised features of this rank's samples, [B, D] each, and the *exponentiated*
-    logit scale (what open_clip's CLIP.forward returns as "logit_scale"). Returns a dict with "loss"
+    logit scale (what open_clip's CLIP.forward returns as "logit_scale"); with the sigmoid objective also
+    `logit_bias=` (open_clip's "logit_bias", not exponentiated). Returns a dict with "loss"
     (scalar to backward), the terms "loss_raw"/"loss_caption", and the applied weights
     "weight_sample"/"weight_raw"/"weight_caption" over the global batch [N] (detached). With
     use_caption=False there is no caption term and no caption weight. With a caption it also returns
@@ -150,8 +191,12 @@ class AlipLoss(nn.Module):
         caption_sources: Sequence[str] = ("caption",),
         captions: str = "all",
         caption_weights: Sequence[float] | None = None,
+        objective: str = "softmax",
     ) -> None:
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.objective = objective
         if captions not in CAPTION_MODES:
             raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
         self.caption_sources = tuple(caption_sources)
@@ -185,7 +230,11 @@ class AlipLoss(nn.Module):
         caption_features: torch.Tensor | None,
         logit_scale: torch.Tensor | float,
         caption_source: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | float | None = None,
     ) -> dict[str, torch.Tensor]:
+        if (logit_bias is None) == (self.objective == "sigmoid"):
+            need = "needs logit_bias (the model's init_logit_bias)" if logit_bias is None else "takes no logit_bias"
+            raise ValueError(f"AlipLoss(objective={self.objective!r}) {need}")
         local, names = self._check_local(image_features, raw_features, caption_features, caption_source)
         rank, world_size = get_rank(), get_world_size()
         batch = image_features.shape[0]
@@ -196,7 +245,11 @@ class AlipLoss(nn.Module):
                 torch.cat([g[: rank * batch], x, g[(rank + 1) * batch :]]) for g, x in zip(gathered, local, strict=True)
             ]
         logit_scale = torch.as_tensor(logit_scale, device=image_features.device)
-        self._check_finite(gathered, logit_scale, names)
+        scalars = [logit_scale]
+        if logit_bias is not None:
+            logit_bias = torch.as_tensor(logit_bias, device=image_features.device)
+            scalars.append(logit_bias)
+        self._check_finite(gathered, scalars, names)
 
         # Loss math in at least float32: under autocast the towers emit fp16/bf16 features, and the gates'
         # exp(.)**2 and the softmax over N columns are where half precision hurts.
@@ -207,9 +260,12 @@ class AlipLoss(nn.Module):
         v_all, t_all = gathered[0], gathered[1]
         use_local_rows = self.local_loss and world_size > 1
         rows = slice(rank * batch, (rank + 1) * batch) if use_local_rows else slice(None)  # this rank's weights
+        # l_i(a, b) of this rank's rows, of either objective: everything below is the same for both
         ce = functools.partial(
             _symmetric_ce, logit_scale=logit_scale, row_offset=rank * batch, local_loss=use_local_rows
-        )  # l_i(a, b) of this rank's rows
+        )
+        if self.objective == "sigmoid":
+            ce = functools.partial(_symmetric_sigmoid, logit_bias=logit_bias.to(dtype), **ce.keywords)
         ce_raw = ce(local[0], local[1], v_all, t_all)
 
         if not self.use_caption:
@@ -391,13 +447,13 @@ class AlipLoss(nn.Module):
         return [caption]
 
     @staticmethod
-    def _check_finite(gathered: list[torch.Tensor], logit_scale: torch.Tensor, names: list[str]) -> None:
+    def _check_finite(gathered: list[torch.Tensor], scalars: list[torch.Tensor], names: list[str]) -> None:
         # One host sync for all checks. Runs after the gather, so all ranks see the same tensors.
         # A sum is non-finite iff some element is NaN/inf (or the sum overflows, which L2-normalised
         # features cannot): one reduction pass instead of isfinite's full-size temporaries.
-        flags = torch.stack([g.detach().sum().isfinite() for g in gathered] + [logit_scale.isfinite().all()])
+        flags = torch.stack([g.detach().sum().isfinite() for g in gathered] + [x.isfinite().all() for x in scalars])
         if not bool(flags.all()):
-            flagged = zip([*names, "logit_scale"], flags.tolist(), strict=True)
+            flagged = zip([*names, "logit_scale", "logit_bias"][: len(flags)], flags.tolist(), strict=True)
             bad = list(dict.fromkeys(n for n, ok in flagged if not ok))  # K captions: named once
             raise NonFiniteLossInputError(f"non-finite values in {', '.join(bad)} (global batch); step skipped")
 

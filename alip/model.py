@@ -72,19 +72,44 @@ def create_model(
     if pretrained is not None and not local_file and Path(pretrained).suffix in _CHECKPOINT_SUFFIXES:
         # Looks like a file, not an open_clip tag: say so instead of asking a hub for it.
         raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
-    with contextlib.ExitStack() as stack:
-        if local_file:  # the checkpoint is loaded right below: open_clip's "initialized randomly" would mislead
-            stack.enter_context(quiet_random_init())
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            model_name,
-            pretrained=None if local_file else pretrained,
-            device=device,
-            precision=precision,
-            **kwargs,
-        )
     if local_file:
-        load_checkpoint(model, pretrained)
-    return model, preprocess_train, preprocess_val
+        model, preprocess_train, preprocess_val, _ = model_from_checkpoint(
+            model_name, pretrained, device=device, precision=precision, **kwargs
+        )
+        return model, preprocess_train, preprocess_val
+    return open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained, device=device, precision=precision, **kwargs
+    )
+
+
+def architecture_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The open_clip keyword arguments a checkpoint's weights imply beyond its architecture name: SigLIP's
+    `logit_bias` (a sigmoid-trained model) makes open_clip build the parameter, which the load then fills."""
+    return {"init_logit_bias": 0.0} if "logit_bias" in state_dict else {}
+
+
+def model_from_checkpoint(
+    model_name: str, checkpoint: str | Path, *, device: str | torch.device = "cpu", **kwargs: Any
+) -> tuple[nn.Module, Any, Any, str]:
+    """(model, preprocess_train, preprocess_val, checkpoint format): `model_name` built in the shape the
+    checkpoint's weights have (`architecture_of`; `kwargs` override it), and the weights loaded.
+
+    The file is read once. A model given `init_logit_bias` whose checkpoint has no bias (a softmax CLIP
+    continued with the sigmoid objective) keeps its initial bias, with a log line."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state_dict, fmt = extract_state_dict(read_checkpoint(path), source=str(path))
+    kwargs = {**architecture_of(state_dict), **kwargs}
+    with quiet_random_init():  # the checkpoint is loaded right below: "initialized randomly" would mislead
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name, pretrained=None, device=device, **kwargs
+        )
+    keep = ("logit_bias",) if "logit_bias" not in state_dict and kwargs.get("init_logit_bias") is not None else ()
+    if keep:
+        logger.info("%s has no logit_bias: it starts at init_logit_bias=%s", path, kwargs["init_logit_bias"])
+    _load_state_dict(model, state_dict, fmt, str(path), strict=True, keep_missing=keep)
+    return model, preprocess_train, preprocess_val, fmt
 
 
 class _DropRandomInitNotice(logging.Filter):
@@ -181,6 +206,8 @@ class BiPathCLIP(nn.Module):
             "raw_features": features[0],
             "caption_features": caption_features,
             "logit_scale": self.clip.logit_scale.exp(),
+            # SigLIP's learnable bias (open_clip's init_logit_bias), for the sigmoid objective; None without
+            "logit_bias": getattr(self.clip, "logit_bias", None),
         }
 
 
@@ -299,14 +326,27 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path, strict: bool = Tru
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    target = unwrap_model(model)
     state_dict, fmt = extract_state_dict(read_checkpoint(path), source=str(path))
+    return _load_state_dict(model, state_dict, fmt, str(path), strict=strict)
+
+
+def _load_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    fmt: str,
+    source: str,
+    strict: bool,
+    keep_missing: tuple[str, ...] = (),
+) -> str:
+    """`load_checkpoint` past the file: the key and shape checks, then the load. Keys in `keep_missing`
+    may be absent from the checkpoint: the model keeps its own values for them."""
+    target = unwrap_model(model)
     expected = target.state_dict()
     # Non-persistent buffers (e.g. the text attention mask) may be in checkpoints of older
     # open_clip versions; they are rebuilt by the model, so they are neither missing nor unexpected.
     non_persistent = {name for name, _ in target.named_buffers()} - expected.keys()
     state_dict = {k: v for k, v in state_dict.items() if k not in non_persistent}
-    missing = sorted(expected.keys() - state_dict.keys())
+    missing = sorted(expected.keys() - state_dict.keys() - set(keep_missing))
     unexpected = sorted(state_dict.keys() - expected.keys())
     shapes = [
         (k, tuple(v.shape), tuple(expected[k].shape))
@@ -314,9 +354,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path, strict: bool = Tru
         if k in expected and v.shape != expected[k].shape
     ]
     if shapes or (strict and (missing or unexpected)):
-        raise CheckpointError(_describe_mismatch(str(path), missing, unexpected, shapes))
-    target.load_state_dict(state_dict, strict=strict)
-    logger.info("loaded %s checkpoint %s", fmt, path)
+        raise CheckpointError(_describe_mismatch(source, missing, unexpected, shapes))
+    target.load_state_dict(state_dict, strict=strict and not keep_missing)
+    logger.info("loaded %s checkpoint %s", fmt, source)
     return fmt
 
 

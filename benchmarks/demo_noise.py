@@ -18,6 +18,7 @@ A rerun with the same arguments reuses each seed's data, shards and finished tra
 own reuse) and only re-evaluates, so its timings are not those of a full run.
 
     python benchmarks/demo_noise.py                      # 3 seeds, about 25 minutes on 2 CPU cores
+    python benchmarks/demo_noise.py --sigmoid            # also the three sigmoid objectives (loss.objective)
     python benchmarks/demo_noise.py --seeds 0 1 2 3 4 --noise-rate 0.6 --out benchmarks/out/noise60
 """
 
@@ -31,7 +32,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from alip.demo.__main__ import build_parser, run_demo
+from alip.demo.__main__ import RUNS, SIGMOID_RUNS, build_parser, run_demo
 from alip.demo.data import mentioned_scene
 from alip.score import roc_auc
 
@@ -70,21 +71,36 @@ def attribute_breakdown(seed_dir: Path) -> dict[str, dict[str, float]]:
     }
 
 
+# The same-seed differences reported: (run, the run it is compared with).
+PAIRS = [
+    ("ALIP", "CLIP (raw text)"),
+    ("ALIP", "ALIP w/o gates"),
+    ("ALIP-sigmoid", "SigLIP (raw text)"),
+    ("ALIP-sigmoid", "ALIP-sigmoid w/o gates"),
+    ("ALIP-sigmoid", "ALIP"),
+    ("SigLIP (raw text)", "CLIP (raw text)"),
+]
+
+
 def aggregate(records: list[dict]) -> dict:
     runs = list(records[0]["metrics"])
     metrics = list(records[0]["metrics"][runs[0]])
     out: dict = {"seeds": [r["spec"]["seed"] for r in records], "runs": {}, "paired": {}, "gates": {}}
     for run in runs:
         out["runs"][run] = {m: mean_std([r["metrics"][run][m] for r in records]) for m in metrics}
-    alip, clip, nogates = "ALIP", "CLIP (raw text)", "ALIP w/o gates"
-    for other in (clip, nogates):
-        if alip in runs and other in runs:
-            out["paired"][f"ALIP - {other}"] = {
-                m: mean_std([r["metrics"][alip][m] - r["metrics"][other][m] for r in records]) for m in metrics
+    for better, other in PAIRS:
+        if better in runs and other in runs:
+            out["paired"][f"{better} - {other}"] = {
+                m: mean_std([r["metrics"][better][m] - r["metrics"][other][m] for r in records]) for m in metrics
             }
     if all(r["gates"] for r in records):
         for key in ("auc_weight_sample", "auc_s_raw_caption", "precision_at_noisy"):
             out["gates"][key] = mean_std([r["gates"][key] for r in records])
+    gated = [label for label in records[0].get("gates_by_run", {}) if label != "ALIP"]
+    for label in gated:  # the sigmoid run's gates as a noise detector (ALIP's are "gates" above)
+        out.setdefault("gates_by_run", {})[label] = {
+            key: mean_std([r["gates_by_run"][label][key] for r in records]) for key in records[0]["gates_by_run"][label]
+        }
     if all("attributes" in r for r in records):
         fields = records[0]["attributes"]
         out["wrong_attribute_auc"] = {f: mean_std([r["attributes"][f]["auc"] for r in records]) for f in fields}
@@ -108,6 +124,12 @@ def markdown(agg: dict) -> str:
         lines.append("|---|---|")
         for key, (m, s) in agg["gates"].items():
             lines.append(f"| {key} | {m:.3f} ± {s:.3f} |")
+    for label, keys in agg.get("gates_by_run", {}).items():
+        lines.append("")
+        lines.append(f"| noise detector of {label} (ROC-AUC vs hidden flags) | mean ± std |")
+        lines.append("|---|---|")
+        for key, (m, s) in keys.items():
+            lines.append(f"| {key} | {m:.3f} ± {s:.3f} |")
     if agg.get("wrong_attribute_auc"):
         lines.append("")
         lines.append("| 'one wrong attribute' noise: the wrong attribute | gate weight ROC-AUC, mean ± std |")
@@ -123,6 +145,11 @@ def main() -> None:
     parser.add_argument("--noise-rate", type=float, default=0.4)
     parser.add_argument("--steps", type=int, default=None, help="override the configs' training steps")
     parser.add_argument("--out", default="benchmarks/out/demo_noise", help="one demo folder per seed under this")
+    parser.add_argument(
+        "--sigmoid",
+        action="store_true",
+        help="also SigLIP on the raw text, ALIP-sigmoid w/o gates and ALIP-sigmoid (loss.objective=sigmoid)",
+    )
 
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -133,6 +160,8 @@ def main() -> None:
         demo_args = ["--out", f"{args.out}/seed{seed}", "--seed", str(seed), "--noise-rate", str(args.noise_rate)]
         if args.steps:
             demo_args += ["--steps", str(args.steps)]
+        if args.sigmoid:
+            demo_args += ["--runs", *RUNS, *SIGMOID_RUNS]
         record = run_demo(build_parser().parse_args(demo_args + ["--no-progress"]))
         if record["gates"]:
             record["attributes"] = attribute_breakdown(Path(f"{args.out}/seed{seed}"))

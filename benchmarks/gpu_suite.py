@@ -5,11 +5,11 @@ Stages (each in its own time budget; a failing stage is reported, the others sti
 train stage starts no new row after --train-budget seconds and reports the rest as skipped):
   tests       the tests marked `gpu` (bf16/fp16 steps finite, the scaler skipping an injected
               overflow, eval features and the linear probe on CUDA, DALI mixed vs CPU decode)
-  train       ViT-B/32 training step: samples/s/GPU, TFLOP/s and MFU for ALIP and CLIP at 256
-              and 512 per GPU (bf16), then one change at a time from the ALIP-512 baseline:
+  train       ViT-B/32 training step: samples/s/GPU, TFLOP/s and MFU for ALIP, CLIP and ALIP with
+              the sigmoid objective at 256 and 512 per GPU (bf16), then one change at a time from the ALIP-512 baseline:
               gradient checkpointing on, text trimming batch / buckets, torch.compile on
               (untrimmed, and with buckets: BiPathCLIP.compile then compiles the towers)
-  loss        AlipLoss vs ClipLoss cost (benchmarks/loss_cost.py --amp)
+  loss        AlipLoss vs ClipLoss, and sigmoid AlipLoss vs SigLipLoss cost (benchmarks/loss_cost.py --amp)
   probe       the linear probe on the GPU vs scikit-learn (benchmarks/eval_linear_probe_speed.py)
   caption     BLIP-base captioning in bf16, random weights (benchmarks/caption_throughput.py)
   dali        training-loader images/s, DALI `mixed` decode vs the torch loader (only if DALI
@@ -57,6 +57,8 @@ def train_grid(dry: bool) -> list[dict]:
     rows = [
         dict(objective=o, batch=b, ckpt=False, compile=False, trim="off") for b in batches_ for o in ("alip", "clip")
     ]
+    # ALIP with the sigmoid objective (loss.objective=sigmoid) at the same batches
+    rows += [dict(objective="alip_sigmoid", batch=b, ckpt=False, compile=False, trim="off") for b in batches_]
     rows += [
         dict(objective="alip", batch=top, ckpt=True, compile=False, trim="off"),
         dict(objective="alip", batch=top, ckpt=False, compile=False, trim="batch"),
@@ -89,7 +91,8 @@ def train_stage(args: argparse.Namespace) -> list[dict]:
             grad_checkpointing=row["ckpt"],
             buckets=4,
         )
-        step = Step(step_args, row["objective"] == "alip", row["trim"], device)
+        objective = "sigmoid" if row["objective"] == "alip_sigmoid" else "softmax"
+        step = Step(step_args, row["objective"] != "clip", row["trim"], device, objective=objective)
         if row["compile"]:
             step.net.compile()  # BiPathCLIP.compile: the whole forward untrimmed, else the towers
         warmup, timed = (1, 1) if args.cpu_dry_run else (4 + 6 * row["compile"], 10)

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Cost of AlipLoss (gates + both terms, forward + backward) next to open_clip's ClipLoss, per rank.
+"""Cost of AlipLoss (gates + both terms, forward + backward) next to open_clip's ClipLoss, per rank; and of
+the sigmoid objective (AlipLoss(objective="sigmoid")) next to open_clip's SigLipLoss.
 
 What one rank of a W-rank job computes with local loss: B = 512 local rows (the released recipe's
 per-GPU batch) against N = W * B gathered columns, 512-d features. Global batch 4096 = 8 GPUs,
 32768 = 64 GPUs. The gather is emulated in memory (other ranks' features are fixed random
 tensors, the local slice keeps its autograd path as with gather_with_grad), so this measures the
 math, not the interconnect: ALIP gathers three feature sets where CLIP gathers two, in one
-collective either way. The ratio to a ViT-B/32 training step uses the bi-path forward + backward
+collective either way. open_clip's SigLipLoss passes text features round the ring instead (neighbour
+exchange); its math, emulated here, is the local block plus one negatives-only block per other rank's
+texts, B x N in all as ours. The ratio to a ViT-B/32 training step uses the bi-path forward + backward
 of the towers (one image, two texts per sample, gradient checkpointing on as in the recipe),
 timed at a smaller micro-batch and scaled linearly to B (the towers' cost is linear in B).
 
@@ -25,7 +28,7 @@ import open_clip
 import open_clip.loss
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 
 import alip
 import alip.loss
@@ -87,7 +90,34 @@ def loss_costs(global_batch, batch, dim, device, warmup, reps):
         with mock.patch.object(open_clip.loss, "gather_features", fake):
             clip_loss(feats[0], feats[1], scale).backward()
 
-    return timed(run_alip, device, warmup, reps), timed(run_clip, device, warmup, reps)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    sigmoid_loss = alip.AlipLoss(local_loss=True, gather_with_grad=True, objective="sigmoid").to(device)
+
+    def run_alip_sigmoid():
+        with (
+            mock.patch.object(alip.loss, "all_gather_cat", gather),
+            mock.patch.object(alip.loss, "get_rank", lambda: rank),
+            mock.patch.object(alip.loss, "get_world_size", lambda: world),
+        ):
+            sigmoid_loss(*feats, scale, logit_bias=bias)["loss"].backward()
+
+    siglip = SigLipLoss()
+    texts = gather([feats[0], feats[1]])[1]  # [N, D]: this rank's texts in place, the others fixed
+
+    def run_siglip():  # what each rank computes under the neighbour exchange, without the exchange
+        loss = siglip._loss(feats[0], feats[1], scale, bias)
+        for r in range(world):
+            if r != rank:
+                block = texts[r * batch : (r + 1) * batch]
+                loss = loss + siglip._loss(feats[0], block, scale, bias, negative_only=True)
+        loss.backward()
+
+    return {
+        "alip_ms": timed(run_alip, device, warmup, reps) * 1e3,
+        "clip_ms": timed(run_clip, device, warmup, reps) * 1e3,
+        "alip_sigmoid_ms": timed(run_alip_sigmoid, device, warmup, reps) * 1e3,
+        "siglip_ms": timed(run_siglip, device, warmup, reps) * 1e3,
+    }
 
 
 def model_step_per_sample(model_name, micro_batch, device, amp, reps):
@@ -126,8 +156,7 @@ def main():
 
     rows = []
     for n in args.global_batches:
-        t_alip, t_clip = loss_costs(n, args.batch, args.dim, device, warmup=2, reps=args.reps)
-        rows.append({"global_batch": n, "alip_ms": t_alip * 1e3, "clip_ms": t_clip * 1e3})
+        rows.append({"global_batch": n, **loss_costs(n, args.batch, args.dim, device, warmup=2, reps=args.reps)})
     per_sample = model_step_per_sample(args.model, args.model_micro_batch, device, args.amp, reps=3)
     step_s = per_sample * args.batch
     info = {
@@ -151,6 +180,14 @@ def main():
             f"| {r['global_batch']} | {r['alip_ms']:.1f} | {r['clip_ms']:.1f}"
             f" | {r['alip_ms'] / r['clip_ms']:.2f} |"
             f" {r['alip_ms'] / 1e3 / step_s:.2%} |"
+        )
+    print()
+    print("| global batch | AlipLoss sigmoid ms | SigLipLoss ms | Alip/SigLip | sigmoid / softmax AlipLoss |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['global_batch']} | {r['alip_sigmoid_ms']:.1f} | {r['siglip_ms']:.1f}"
+            f" | {r['alip_sigmoid_ms'] / r['siglip_ms']:.2f} | {r['alip_sigmoid_ms'] / r['alip_ms']:.2f} |"
         )
     if args.json:
         with open(args.json, "w") as f:

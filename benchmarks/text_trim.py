@@ -99,14 +99,18 @@ def batches(dist, args, image_size: int, count: int) -> list[dict]:
 class Step:
     """One training configuration: model, objective and trimming mode."""
 
-    def __init__(self, args: argparse.Namespace, use_caption: bool, mode: str, device: torch.device) -> None:
+    def __init__(
+        self, args: argparse.Namespace, use_caption: bool, mode: str, device: torch.device, objective: str = "softmax"
+    ) -> None:
         torch.manual_seed(0)
+        # the sigmoid objective needs the model's learnable bias: SigLIP's start
+        init = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if objective == "sigmoid" else {}
         with quiet_random_init():  # random weights are the point: timing, not accuracy
-            self.clip, _, _ = alip.create_model(args.model)
+            self.clip, _, _ = alip.create_model(args.model, **init)
         self.clip.set_grad_checkpointing(args.grad_checkpointing)
         self.clip.to(device)
         self.net = alip.BiPathCLIP(self.clip, text_trim=mode, text_buckets=args.buckets)
-        self.loss_fn = alip.AlipLoss(use_caption=use_caption, use_gates=use_caption).to(device)
+        self.loss_fn = alip.AlipLoss(use_caption=use_caption, use_gates=use_caption, objective=objective).to(device)
         self.optimizer = build_optimizer(self.clip, OptimConfig())
         self.use_caption, self.device = use_caption, device
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)

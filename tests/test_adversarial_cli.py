@@ -127,7 +127,7 @@ def test_caption_without_network_fails_in_seconds_with_one_line(tmp_path):
     args = [tmp_path / "m.jsonl", "--out", tmp_path / "c.jsonl", "--model", "alip-tests/not-a-cached-model"]
     status, stderr, seconds = run("tools/caption.py", *args, env=env, timeout=180)
     assert_one_line(status, stderr, "cannot load model 'alip-tests/not-a-cached-model'")
-    assert seconds < 30
+    assert seconds < 60  # the process's imports take ~20 s beside the other test worker; the retries took 146 s
 
 
 def test_hub_probe_is_bounded_and_can_be_skipped(monkeypatch):

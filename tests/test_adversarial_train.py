@@ -76,6 +76,8 @@ OUT_OF_RANGE = {
     "data.num_threads": 0,
     "data.num_workers": -1,
     "model.text_buckets": 0,
+    "model.init_logit_scale": 5.0,  # past ln 100, where the trainer clamps it
+    "model.init_logit_bias": ".inf",
     "loss.momentum": 1.0,
     "loss.power": 0,
     "optim.lr": 0,

@@ -35,11 +35,14 @@ def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
         by_stage.setdefault(r["stage"], []).append(r)
     assert set(by_stage) == {"tests", "train", "loss", "probe", "caption", "dali"}
     train = by_stage["train"]
-    assert len(train) == 8 and all(r["samples_per_s"] > 0 and r["tflops_per_s"] >= 0 for r in train)
+    assert len(train) == 9 and all(r["samples_per_s"] > 0 and r["tflops_per_s"] >= 0 for r in train)
+    assert {r["objective"] for r in train} == {"alip", "clip", "alip_sigmoid"}
     assert {r["trim"] for r in train} == {"off", "batch", "buckets"}
     assert {r["trim"] for r in train if r["compile"]} == {"off", "buckets"}  # buckets: the towers compiled
     assert any("skipped" in r.get("pytest", "") for r in by_stage["tests"])  # no GPU here: collected, skipped
-    assert any("alip_ms" in r for r in by_stage["loss"]) and any("ours_test_acc" in r for r in by_stage["probe"])
+    assert any("alip_ms" in r and "alip_sigmoid_ms" in r and "siglip_ms" in r for r in by_stage["loss"]) and any(
+        "ours_test_acc" in r for r in by_stage["probe"]
+    )
     assert any("end_to_end_images_per_s" in r for r in by_stage["caption"])
     assert {r.get("loader") for r in by_stage["dali"]} >= ({"dali", "torch"} if dali else set())
     assert res.stdout.rstrip().splitlines()[-1].startswith("dali")  # the table comes last
@@ -51,6 +54,6 @@ def test_train_stage_reports_rows_past_its_budget_as_skipped(monkeypatch):
 
     monkeypatch.setattr(gpu_suite, "Step", lambda *a, **k: pytest.fail("a row ran past the budget"))
     rows = gpu_suite.train_stage(argparse.Namespace(cpu_dry_run=True, train_budget=0.0))
-    assert len(rows) == len(gpu_suite.train_grid(True)) == 8
+    assert len(rows) == len(gpu_suite.train_grid(True)) == 9
     assert all(r["stage"] == "train" and r["status"] == "skipped: train budget of 0 s spent" for r in rows)
     assert {(r["compile"], r["trim"]) for r in rows} >= {(True, "off"), (True, "buckets")}

@@ -33,7 +33,7 @@ from pathlib import Path
 import alip
 from alip.cli import add_debug_flag, guarded
 from alip.files import refuse_overlap
-from alip.model import quiet_random_init
+from alip.model import model_from_checkpoint
 
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # what alip.export_model writes
 FOLDER_FORMATS = ("transformers", "open_clip")
@@ -90,9 +90,8 @@ def main(argv=None) -> int:
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     name = args.model or model_name_of(args.checkpoint, args.run_dir)
-    with quiet_random_init():  # the checkpoint is loaded right below
-        model, _, _ = alip.create_model(name)
-    fmt = alip.load_checkpoint(model, args.checkpoint)
+    # built in the checkpoint's shape (a sigmoid-trained model's logit_bias included), the file read once
+    model, _, _, fmt = model_from_checkpoint(name, args.checkpoint)
     if not folder:
         out = alip.export_model(model, args.output, metadata={"architecture": name})
         digest = hashlib.sha256(out.read_bytes()).hexdigest()

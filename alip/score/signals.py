@@ -24,7 +24,7 @@ from alip.cli import UserError
 from alip.columns import CHUNK, StringColumn, StringColumnBuilder
 from alip.data.format import schema
 from alip.data.loaders.torch_loader import RecordDataset, worker_errors
-from alip.model import quiet_random_init
+from alip.model import model_from_checkpoint
 
 # One logger for the whole package, named as the module was before the split, so log lines and
 # logging filters still say `alip.score`.
@@ -287,12 +287,9 @@ def require_finite(keys: np.ndarray, sims: np.ndarray) -> None:
 
 
 def load_model(model_name: str, path: Path, device: torch.device) -> tuple[torch.nn.Module, Any, str]:
-    """(model in eval mode on `device`, its eval transform, the checkpoint format `alip.load_checkpoint` read)."""
-    import alip  # lazy: alip.model imports open_clip
-
-    with quiet_random_init():  # the checkpoint's weights are loaded right after
-        clip, _, preprocess = alip.create_model(model_name)
-    fmt = alip.load_checkpoint(clip, path)
+    """(model in eval mode on `device`, its eval transform, the checkpoint format `alip.load_checkpoint` read).
+    Built in the checkpoint's shape (a sigmoid-trained model's logit_bias included), the file read once."""
+    clip, _, preprocess, fmt = model_from_checkpoint(model_name, path)
     clip.to(device).eval()
     return clip, preprocess, fmt
 

@@ -98,7 +98,9 @@ class TrainLogger:
             "step %d/%d | %.1f samples/s/rank, %.1f total | data %.3fs | eta %s | "
             + losses
             + gates
-            + " | scale %.2f | grad %.3f | loss scale %.0f | skipped %d",
+            + " | scale %.2f"
+            + (" bias %.2f" if "train/logit_bias" in m else "%s")
+            + " | grad %.3f | loss scale %.0f | skipped %d",
             m["train/step"],
             m["train/total_steps"],
             m["train/samples_per_s_per_rank"],
@@ -108,6 +110,7 @@ class TrainLogger:
             *loss_args,
             *gate_args,
             m["train/logit_scale"],
+            m.get("train/logit_bias", ""),  # sigmoid objective only
             m["train/grad_norm"],
             m["train/loss_scale"],
             m["train/skipped_steps"],

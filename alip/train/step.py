@@ -30,6 +30,7 @@ from alip.distributed import get_world_size
 from alip.loss import AlipLoss, NonFiniteLossInputError
 
 FEATURES = ("image_features", "raw_features", "caption_features")
+SCALARS = ("logit_scale", "logit_bias")  # the bias only with the sigmoid objective
 
 
 @dataclass
@@ -81,18 +82,27 @@ def forward_backward(
     names = [n for n in FEATURES if n in outs[0]]
     # Leaves: the loss's backward stops here and leaves d loss / d feature in .grad.
     leaves = {n: torch.cat([o[n].detach() for o in outs]).float().requires_grad_() for n in names}
-    scale_leaf = outs[0]["logit_scale"].detach().float().requires_grad_()
+    # The model's scalars the loss takes: the scale, and the sigmoid objective's bias. Leaves too: their
+    # gradients enter the graph once, in the last (synced) pass.
+    scalars = SCALARS if loss_fn.objective == "sigmoid" else SCALARS[:1]
+    scalar_leaves = {n: outs[0][n].detach().float().requires_grad_() for n in scalars}
     try:
         features = (leaves[n] for n in FEATURES[:2])
-        # caption_source [B]: each sample's drawn caption source (loss.captions=sample), for the whole batch
-        res = loss_fn(*features, leaves.get("caption_features"), scale_leaf, caption_source=batch.get("caption_source"))
+        res = loss_fn(
+            *features,
+            leaves.get("caption_features"),
+            scalar_leaves["logit_scale"],
+            # caption_source [B]: each sample's drawn caption source (loss.captions=sample), for the whole batch
+            caption_source=batch.get("caption_source"),
+            logit_bias=scalar_leaves.get("logit_bias"),
+        )
         scale_loss(res["loss"]).backward()
         grads = {n: leaves[n].grad.split(micros[0]["image"].shape[0]) for n in names}
-        scale_grad = scale_leaf.grad
+        scalar_grads = {n: leaf.grad for n, leaf in scalar_leaves.items()}
     except NonFiniteLossInputError:
         res = None
         grads = {n: torch.zeros_like(leaves[n]).split(micros[0]["image"].shape[0]) for n in names}
-        scale_grad = torch.zeros_like(scale_leaf)
+        scalar_grads = {n: torch.zeros_like(leaf) for n, leaf in scalar_leaves.items()}
     for i, micro in enumerate(micros):
         last = i == accum_steps - 1
         sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
@@ -104,9 +114,9 @@ def forward_backward(
                     out = _forward(net, micro, loss_fn.use_caption)
             tensors = [out[n] for n in names]
             tensor_grads = [grads[n][i].to(out[n].dtype) for n in names]
-            if last:  # logit_scale enters once; in the synced pass, so DDP sees every parameter used
-                tensors.append(out["logit_scale"])
-                tensor_grads.append(scale_grad.to(out["logit_scale"].dtype))
+            if last:  # logit_scale (and bias) enter once; in the synced pass, so DDP sees every parameter used
+                tensors += [out[n] for n in scalars]
+                tensor_grads += [scalar_grads[n].to(out[n].dtype) for n in scalars]
             torch.autograd.backward(tensors, tensor_grads)
     return res
 

@@ -89,6 +89,7 @@ def build_loss(cfg: Config, slots: TextSlots) -> alip.AlipLoss:
         caption_sources=slots.captions,
         captions=lc.captions,
         caption_weights=slot_weights(lc, slots, cfg.data.train),
+        objective=lc.objective,
     )
 
 
@@ -149,7 +150,10 @@ class Trainer:
     def _build_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         m = self.cfg.model
         try:
-            clip, _, _ = alip.create_model(m.name, pretrained=m.pretrained)
+            # open_clip's own init arguments (None: its defaults, no bias), so checkpoints and exports hold them
+            inits = {"init_logit_scale": m.init_logit_scale, "init_logit_bias": m.init_logit_bias}
+            inits = {k: v for k, v in inits.items() if v is not None}
+            clip, _, _ = alip.create_model(m.name, pretrained=m.pretrained, **inits)
         except ValueError as e:  # create_model's "unknown model": a config value, not a bug
             raise ConfigError(f"model.name: {e}") from None
         clip.set_grad_checkpointing(m.grad_checkpointing)  # open_clip checkpoints non-reentrantly: DDP-safe
@@ -442,6 +446,12 @@ class Trainer:
             "train/eta_s": (self.total_steps - step) * self.shape.per_rank_batch / rate if rate > 0 else math.inf,
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "train/logit_scale": float(self.clip.logit_scale.detach().exp()),
+            # the sigmoid objective's learnable bias, beside the scale
+            **(
+                {"train/logit_bias": float(self.clip.logit_bias.detach())}
+                if getattr(self.clip, "logit_bias", None) is not None
+                else {}
+            ),
             "train/grad_norm": outcome.grad_norm,
             "train/loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
             "train/skipped_steps": self.state.skipped_steps,
