@@ -121,9 +121,12 @@ def _symmetric_sigmoid(
         logits_ab = logit_scale * a_all @ b_all.T + logit_bias  # [N, N]
         logits_ba = logits_ab.T
     rows = torch.arange(logits_ab.shape[0], device=logits_ab.device)
-    signs = torch.full_like(logits_ab, -1.0)
-    signs[rows, rows + (row_offset if local_loss else 0)] = 1.0  # z: the positive pair of each row
-    return -(F.logsigmoid(signs * logits_ab).sum(1) + F.logsigmoid(signs * logits_ba).sum(1)) / 2
+    positives = rows + (row_offset if local_loss else 0)  # the column of each row's own pair
+    # -log sigmoid(z x) is softplus(x) for a negative (z = -1) and softplus(x) - x for the positive: one
+    # softplus over the block and the diagonal subtracted, with no [B, N] tensor of signs
+    row = F.softplus(logits_ab).sum(1) - logits_ab[rows, positives]
+    column = F.softplus(logits_ba).sum(1) - logits_ba[rows, positives]
+    return (row + column) / 2
 
 
 def caption_probabilities(weights: Sequence[float] | None, num_sources: int) -> tuple[float, ...]:

@@ -31,6 +31,7 @@ QUICK_TESTS=(
   tests/test_gpu.py tests/test_gpu_suite.py tests/test_model.py tests/test_loss.py tests/test_text_trim.py
   tests/test_flops.py tests/test_config.py tests/test_optim.py tests/test_eval_metrics.py
   tests/test_eval_linear_probe.py tests/test_import_rules.py tests/test_train.py tests/test_torch_loader.py
+  tests/test_loss_sigmoid.py
 )
 
 stage() { printf '%-16s %s\n' "$1" "$2"; }

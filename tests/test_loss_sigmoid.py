@@ -346,3 +346,15 @@ def test_the_sigmoid_recipe_differs_from_ours_in_the_loss_alone():
         )
         changed = {k for k in twin if twin[k] != demo[k]}
         assert changed == {"output_dir", "loss.objective", "model.init_logit_scale", "model.init_logit_bias"}, name
+
+
+def test_a_non_finite_step_is_skipped_with_the_bias_untouched(runs, tmp_path):
+    from alip.train.trainer import Trainer
+
+    _, shards, _, _ = runs
+    cfg = load_config(TINY, [f"data.train={shards.meta}", f"output_dir={tmp_path}", *SIGMOID_ARGS])
+    trainer = Trainer(cfg, validate(cfg, 1), tmp_path, torch.device("cpu"))
+    batch = next(iter(trainer.loader))
+    outcome = trainer.train_step({**batch, "image": torch.full_like(batch["image"], float("nan"))})
+    assert not outcome.applied and float(trainer.clip.logit_bias) == -10.0
+    assert trainer.train_step(batch).applied and float(trainer.clip.logit_bias) != -10.0
