@@ -7,7 +7,6 @@ and the trainer trains, resumes bitwise, exports and scores a sigmoid model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -21,20 +20,17 @@ import torch.nn.functional as F
 from dist_harness import join_rank_env, run_ranks
 from open_clip.loss import SigLipLoss
 from shard_factory import write_test_shards
-from torch.nn.parallel import DistributedDataParallel as DDP
+from step_cases import assert_same_steps, run_steps
 
 import alip
 from alip.config import ConfigError, load_config, validate
-from alip.train.captions import with_drawn_captions
 from alip.train.run import train
-from alip.train.step import forward_backward
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
 SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
 SIGMOID_ARGS = ["loss.objective=sigmoid", f"model.init_logit_scale={math.log(10)}", "model.init_logit_bias=-10"]
 N, D = 8, 16
-SOURCES, WEIGHTS = ("blip", "llm", "ofa"), (1.0, 2.0, 1.0)
 
 
 def features(n=N, d=D, k=2, dtype=torch.float64, seed=0):
@@ -125,53 +121,6 @@ def test_config_needs_a_bias_for_sigmoid_and_refuses_one_for_softmax():
 # ------------------------------------------------------------------ two gloo ranks
 
 
-def _tokens(gen, *shape):
-    toks = torch.randint(1, 49000, (*shape, 77), generator=gen)
-    toks[..., 0], toks[..., 9], toks[..., 10:] = 49406, 49407, 0
-    return toks
-
-
-def run_steps(case, rank, world, accum):
-    """Two steps of the trainer's step code, sigmoid objective, K = 3 sources: rank-mean loss, weights, EMAs,
-    gradients (the bias's included)."""
-    mode, local_loss = case
-    torch.manual_seed(0)
-    model, _, _ = alip.create_model("ALIP-Tiny", **SIGLIP_INIT)
-    net = DDP(alip.BiPathCLIP(model)) if world > 1 else alip.BiPathCLIP(model)
-    loss_fn = alip.AlipLoss(
-        caption_sources=SOURCES,
-        captions=mode,
-        caption_weights=WEIGHTS,
-        momentum=0.5,
-        local_loss=local_loss,
-        objective="sigmoid",
-    )
-    gen = torch.Generator().manual_seed(7)
-    image, text, caption = torch.randn(N, 3, 64, 64, generator=gen), _tokens(gen, N), _tokens(gen, N, 3)
-    per = N // world
-    rows = slice(rank * per, (rank + 1) * per)
-    steps = []
-    for step in range(2):
-        model.zero_grad()
-        batch = {"image": image[rows] * (1 + 0.1 * step), "text": text[rows], "caption": caption[rows]}
-        if mode == "sample":
-            batch = with_drawn_captions(batch, 0, step, rank * per, loss_fn.caption_weights)
-        res = forward_backward(net, loss_fn, batch, accum, contextlib.nullcontext, lambda x: x)
-        loss = res["loss"].detach().clone()
-        if world > 1:
-            dist.all_reduce(loss)
-            loss /= world
-        steps.append(
-            {
-                "loss": loss,
-                "weights": torch.stack([res[k] for k in ("weight_sample", "weight_raw", "weight_caption")]),
-                "ema": {k: v.clone() for k, v in loss_fn.state_dict().items()},
-                "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-            }
-        )
-    return steps
-
-
 def siglip_on_ranks(rank, world, local_loss):
     """Ungated ours vs open_clip's SigLipLoss (neighbour exchange) on this rank's rows of one global batch."""
     v, txt = features(dtype=torch.float32)
@@ -195,13 +144,19 @@ def siglip_on_ranks(rank, world, local_loss):
     }
 
 
-CASES = [("all", True), ("sample", True), ("all", False)]
+CASES = [("all", True), ("sample", True), ("all", False)]  # (loss.captions, local_loss)
+
+
+def sigmoid_steps(case, rank, world, accum):
+    """Two steps of the trainer's step code, sigmoid objective, K = 3 sources (tests/step_cases.py)."""
+    mode, local_loss = case
+    return run_steps(mode, rank, world, accum, objective="sigmoid", local_loss=local_loss)
 
 
 def _worker(rank, port, out_dir):
     join_rank_env(rank, 2, port)
     alip.init_distributed(timeout_s=60)
-    results = {case: run_steps(case, rank, 2, accum=2) for case in CASES}
+    results = {case: sigmoid_steps(case, rank, 2, accum=2) for case in CASES}
     results["siglip"] = {local: siglip_on_ranks(rank, 2, local) for local in (True, False)}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -229,23 +184,14 @@ def test_two_ranks_ungated_equal_open_clips_neighbour_exchange(two_ranks, local_
     torch.testing.assert_close(two_ranks[0]["siglip"][local_loss]["losses"][0], single["loss"], rtol=1e-6, atol=1e-6)
 
 
-def _assert_same_steps(got, want):
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g["loss"], w["loss"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(g["weights"], w["weights"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(g["ema"], w["ema"], rtol=1e-6, atol=1e-7)
-        for name, grad in w["grads"].items():
-            torch.testing.assert_close(g["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-local{c[1]}")
 def test_gated_sigmoid_on_two_ranks_with_accumulation_equals_one_process(two_ranks, case):
-    single = run_steps(case, 0, 1, accum=1)
+    single = sigmoid_steps(case, 0, 1, accum=1)
     assert single[-1]["grads"]["logit_bias"].abs() > 0 and all(g.abs().sum() > 0 for g in single[-1]["grads"].values())
     assert len({v.item() for v in single[-1]["ema"].values()}) == 7  # every source's EMAs moved their own way
-    _assert_same_steps(run_steps(case, 0, 1, accum=2), single)  # exact accumulation
+    assert_same_steps(sigmoid_steps(case, 0, 1, accum=2), single)  # exact accumulation
     for rank_steps in two_ranks:
-        _assert_same_steps(rank_steps[case], single)
+        assert_same_steps(rank_steps[case], single)
 
 
 # ------------------------------------------------------------------ the trainer, end to end

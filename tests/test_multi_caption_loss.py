@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from dist_harness import join_rank_env, run_ranks
 from shard_factory import PHOTOS, jpeg_bytes, photo
-from torch.nn.parallel import DistributedDataParallel as DDP
+from step_cases import SOURCES, WEIGHTS, assert_same_steps, inputs, run_steps
 
 import alip
 from alip.config import Config, ConfigError, load_config, to_dict
@@ -38,8 +38,6 @@ from alip.train.step import forward_backward
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
-SOURCES = ("blip", "llm", "ofa")
-WEIGHTS = (1.0, 2.0, 1.0)  # normalised: 0.25, 0.5, 0.25
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -189,7 +187,7 @@ def test_k1_through_the_source_path_is_bitwise_the_one_caption_loss():
         for a, b in zip(outs[0], other, strict=True):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the tower and the step: captions [B, 1, 77] through forward_backward give the [B, 77] gradient, bitwise
-    image, text, caption = _inputs()
+    image, text, caption = inputs()
     grads = []
     for cap, sources in [(caption[:, 0], ("caption",)), (caption[:, :1], ("blip",))]:
         torch.manual_seed(0)
@@ -276,50 +274,6 @@ def test_caption_options_parse_validate_and_are_refused_on_resume():
 
 # ----------------------------------------------------------------------------- world size and accumulation (gloo)
 
-GLOBAL = 8
-
-
-def _tokens(gen, *shape):
-    toks = torch.randint(1, 49000, (*shape, 77), generator=gen)
-    toks[..., 0], toks[..., 9], toks[..., 10:] = 49406, 49407, 0
-    return toks
-
-
-def _inputs():
-    gen = torch.Generator().manual_seed(7)
-    return torch.randn(GLOBAL, 3, 64, 64, generator=gen), _tokens(gen, GLOBAL), _tokens(gen, GLOBAL, 3)
-
-
-def run_steps(mode, rank, world, accum):
-    """Two steps of the trainer's step code on this rank's rows: rank-mean loss, weights, EMAs, gradients."""
-    torch.manual_seed(0)
-    model, _, _ = alip.create_model("ALIP-Tiny")
-    net = DDP(alip.BiPathCLIP(model)) if world > 1 else alip.BiPathCLIP(model)
-    loss_fn = alip.AlipLoss(caption_sources=SOURCES, captions=mode, caption_weights=WEIGHTS, momentum=0.5)
-    image, text, caption = _inputs()
-    per = GLOBAL // world
-    rows = slice(rank * per, (rank + 1) * per)
-    steps = []
-    for step in range(2):
-        model.zero_grad()
-        batch = {"image": image[rows] * (1 + 0.1 * step), "text": text[rows], "caption": caption[rows]}
-        if mode == "sample":  # as the trainer: this rank's places of the global batch
-            batch = with_drawn_captions(batch, 0, step, rank * per, loss_fn.caption_weights)
-        res = forward_backward(net, loss_fn, batch, accum, contextlib.nullcontext, lambda x: x)
-        loss = res["loss"].detach().clone()
-        if world > 1:
-            dist.all_reduce(loss)
-            loss /= world
-        steps.append(
-            {
-                "loss": loss,
-                "weights": torch.stack([res[k] for k in ("weight_sample", "weight_raw", "weight_caption")]),
-                "ema": {k: v.clone() for k, v in loss_fn.state_dict().items()},
-                "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-            }
-        )
-    return steps
-
 
 def _worker(rank, port, out_dir):
     join_rank_env(rank, 2, port)
@@ -336,23 +290,14 @@ def two_ranks(tmp_path_factory):
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
 
-def _assert_same_steps(got, want):
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g["loss"], w["loss"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(g["weights"], w["weights"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(g["ema"], w["ema"], rtol=1e-6, atol=1e-7)
-        for name, grad in w["grads"].items():
-            torch.testing.assert_close(g["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
 @pytest.mark.parametrize("mode", ["all", "sample"])
 def test_two_ranks_with_accumulation_equal_one_process_on_the_whole_batch(two_ranks, mode):
     single = run_steps(mode, 0, 1, accum=1)
     assert all(g.abs().sum() > 0 for g in single[-1]["grads"].values())
     assert len({v.item() for v in single[-1]["ema"].values()}) == 7  # every source's EMAs moved their own way
-    _assert_same_steps(run_steps(mode, 0, 1, accum=2), single)  # exact accumulation
+    assert_same_steps(run_steps(mode, 0, 1, accum=2), single)  # exact accumulation
     for rank_steps in two_ranks:
-        _assert_same_steps(rank_steps[mode], single)
+        assert_same_steps(rank_steps[mode], single)
 
 
 # ----------------------------------------------------------------------------- K = 3 shards through the CLI
