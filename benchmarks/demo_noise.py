@@ -8,7 +8,8 @@ then reports, over the seeds:
 - zero-shot top-1 and retrieval R@1 (image->text, text->image) of CLIP on the raw text, ALIP
   without gates and ALIP, mean +- sample std;
 - the same-seed paired differences ALIP - CLIP and ALIP - ALIP w/o gates (the seed-to-seed
-  spread is about as large as the gates' effect, so the paired difference is the fair read);
+  spread is about as large as the gates' effect, so the paired difference is the fair read); with
+  --sigmoid also SigLIP, ALIP-sigmoid w/o gates and ALIP-sigmoid, and their differences (PAIRS);
 - the ROC-AUC of the gate weight (and of the raw-caption similarity) as a noise detector
   against the hidden noise flags.
 
