@@ -63,11 +63,7 @@ def create_model(
     release, open_clip, ours, safetensors), or an open_clip pretrained tag, which open_clip fetches
     from its hub where the machine can reach it. Extra keyword arguments go to open_clip.
     """
-    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
-        raise UnknownModelError(
-            f"unknown model {model_name!r}; open_clip knows {len(open_clip.list_models())} configs, "
-            "e.g. ViT-B-32, ViT-B-16, RN50, ALIP-Tiny (see open_clip.list_models())"
-        )
+    check_model_name(model_name)
     local_file = pretrained is not None and Path(pretrained).is_file()
     if pretrained is not None and not local_file and Path(pretrained).suffix in _CHECKPOINT_SUFFIXES:
         # Looks like a file, not an open_clip tag: say so instead of asking a hub for it.
@@ -80,6 +76,15 @@ def create_model(
     return open_clip.create_model_and_transforms(
         model_name, pretrained=pretrained, device=device, precision=precision, **kwargs
     )
+
+
+def check_model_name(model_name: str) -> None:
+    """UnknownModelError for a name open_clip does not know, before any file is read."""
+    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+        raise UnknownModelError(
+            f"unknown model {model_name!r}; open_clip knows {len(open_clip.list_models())} configs, "
+            "e.g. ViT-B-32, ViT-B-16, RN50, ALIP-Tiny (see open_clip.list_models())"
+        )
 
 
 def architecture_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -96,6 +101,7 @@ def model_from_checkpoint(
 
     The file is read once. A model given `init_logit_bias` whose checkpoint has no bias (a softmax CLIP
     continued with the sigmoid objective) keeps its initial bias, with a log line."""
+    check_model_name(model_name)
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
