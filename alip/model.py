@@ -94,18 +94,25 @@ def architecture_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def model_from_checkpoint(
-    model_name: str, checkpoint: str | Path, *, device: str | torch.device = "cpu", **kwargs: Any
+    model_name: str,
+    checkpoint: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    content: Any = None,
+    **kwargs: Any,
 ) -> tuple[nn.Module, Any, Any, str]:
     """(model, preprocess_train, preprocess_val, checkpoint format): `model_name` built in the shape the
     checkpoint's weights have (`architecture_of`; `kwargs` override it), and the weights loaded.
 
-    The file is read once. A model given `init_logit_bias` whose checkpoint has no bias (a softmax CLIP
-    continued with the sigmoid objective) keeps its initial bias, with a log line."""
+    The file is read once (not at all when the caller passes its `read_checkpoint` content). A model
+    given `init_logit_bias` whose checkpoint has no bias (a softmax CLIP continued with the sigmoid
+    objective) keeps its initial bias, with a log line."""
     check_model_name(model_name)
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state_dict, fmt = extract_state_dict(read_checkpoint(path), source=str(path))
+    content = read_checkpoint(path) if content is None else content
+    state_dict, fmt = extract_state_dict(content, source=str(path))
     kwargs = {**architecture_of(state_dict), **kwargs}
     with quiet_random_init():  # the checkpoint is loaded right below: "initialized randomly" would mislead
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(

@@ -33,22 +33,20 @@ from pathlib import Path
 import alip
 from alip.cli import add_debug_flag, guarded
 from alip.files import refuse_overlap
-from alip.model import model_from_checkpoint
+from alip.model import check_model_name, model_from_checkpoint, read_checkpoint
 
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # what alip.export_model writes
 FOLDER_FORMATS = ("transformers", "open_clip")
 DEFAULT_MODEL = "ViT-B-32"
 
 
-def model_name_of(checkpoint: Path, run_dir: Path | None) -> str:
-    """The architecture a training checkpoint's config names, else its run folder's config.yaml (beside a
-    `final.*` export), else the default."""
+def model_name_of(content: object, checkpoint: Path, run_dir: Path | None) -> str:
+    """The architecture a training checkpoint's config names (`content`: the checkpoint, read), else its run
+    folder's config.yaml (beside a `final.*` export), else the default."""
     import yaml
 
-    from alip.model import read_checkpoint
     from alip.publish.card import find_run_dir
 
-    content = read_checkpoint(checkpoint)
     config = content.get("config") if isinstance(content, dict) else None
     run_dir = run_dir or find_run_dir(checkpoint)
     if not isinstance(config, dict) and run_dir is not None and (run_dir / "config.yaml").is_file():
@@ -89,9 +87,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    name = args.model or model_name_of(args.checkpoint, args.run_dir)
-    # built in the checkpoint's shape (a sigmoid-trained model's logit_bias included), the file read once
-    model, _, _, fmt = model_from_checkpoint(name, args.checkpoint)
+    if args.model is not None:
+        check_model_name(args.model)  # before a checkpoint of gigabytes is read
+    content = read_checkpoint(args.checkpoint)  # once: for the name, the weights and the model card
+    name = args.model or model_name_of(content, args.checkpoint, args.run_dir)
+    # built in the checkpoint's shape (a sigmoid-trained model's logit_bias included)
+    model, _, _, fmt = model_from_checkpoint(name, args.checkpoint, content=content)
     if not folder:
         out = alip.export_model(model, args.output, metadata={"architecture": name})
         digest = hashlib.sha256(out.read_bytes()).hexdigest()
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
         checkpoint=args.checkpoint,
         run_dir=args.run_dir,
         overwrite=args.overwrite,
+        content=content,
     )
     card = done["card"]
     print(

@@ -254,12 +254,34 @@ def demo_spec(args: argparse.Namespace, quick: dict[str, Any]) -> DemoSpec:
         raise DemoOptionError(str(e)) from None
 
 
+GATE_KEYS = ("auc_weight_sample", "auc_s_raw_caption", "precision_at_noisy")
+
+
+def _score_gates(
+    out: Path, runs: list[str], meta: Path, data: Any, report_dir: Path, timings: dict[str, float], args: Any
+) -> tuple[Path | None, dict[str, Any] | None, dict[str, dict[str, float]]]:
+    """`alip score` with each gated run's checkpoint against the hidden noise flags: (the ALIP run's scores
+    CSV and summary, for the report's plots; every gated run's noise-detector figures, by label)."""
+    from alip.score import score_shards
+    from alip.train.checkpoint import find_latest
+
+    scores_csv, score_summary, gates_by_run = None, None, {}
+    for name in (n for n in GATED_RUNS if n in runs):
+        t = time.perf_counter()
+        checkpoint = find_latest(out / "runs" / name / "checkpoints")
+        result = score_shards(checkpoint, meta, truth=data.truth, progress=not args.no_progress)
+        gates_by_run[LABELS[name]] = {k: result.summary.get(k) for k in GATE_KEYS}
+        if name == "alip":
+            scores_csv, _ = result.write(report_dir / "scores.csv")
+            score_summary = result.summary
+        timings["score" if name == "alip" else f"score_{name}"] = time.perf_counter() - t
+    return scores_csv, score_summary, gates_by_run
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from alip.config import load_config
     from alip.demo.report import format_table, write_report
     from alip.files import write_json_atomic
-    from alip.score import score_shards
-    from alip.train.checkpoint import find_latest
 
     start = time.perf_counter()
     out = Path(args.out)
@@ -290,17 +312,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    scores_csv, score_summary, gates_by_run = None, None, {}
-    gate_keys = ("auc_weight_sample", "auc_s_raw_caption", "precision_at_noisy")
-    for name in (n for n in GATED_RUNS if n in args.runs):  # each gated run's gates, against the hidden noise flags
-        t = time.perf_counter()
-        checkpoint = find_latest(out / "runs" / name / "checkpoints")
-        result = score_shards(checkpoint, meta, truth=data.truth, progress=not args.no_progress)
-        gates_by_run[LABELS[name]] = {k: result.summary.get(k) for k in gate_keys}
-        if name == "alip":  # the report's scores and plots are the ALIP run's
-            scores_csv, _ = result.write(report_dir / "scores.csv")
-            score_summary = result.summary
-        timings[f"score_{name}" if name != "alip" else "score"] = time.perf_counter() - t
+    scores_csv, score_summary, gates_by_run = _score_gates(out, args.runs, meta, data, report_dir, timings, args)
     files = write_report(report_dir, run_dirs, summary, scores_csv, title=f"ALIP demo (seed {spec.seed})")
 
     timings["total"] = time.perf_counter() - start
@@ -308,7 +320,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "spec": spec.record(),
         "steps": steps,
         "metrics": summary,
-        "gates": None if score_summary is None else {k: score_summary.get(k) for k in gate_keys},
+        "gates": gates_by_run.get(LABELS["alip"]),  # the ALIP run's, as before the sigmoid runs
         "gates_by_run": gates_by_run,
         "by_noise": None if score_summary is None else score_summary.get("by_noise"),
         "seconds": {k: round(v, 1) for k, v in timings.items()},

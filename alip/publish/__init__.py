@@ -112,11 +112,13 @@ def export_folder(
     checkpoint: str | Path,
     run_dir: str | Path | None = None,
     overwrite: bool = False,
+    content: Any = None,
 ) -> dict[str, Any]:
     """Write `model` (loaded from `checkpoint`) as a `fmt` folder at `out`, with its model card.
 
     Returns {"files": [...], "difference": float, "card": RunRecord}. Raises ExportRefused for a model the
     format cannot express and ExportFolderError for a target it may not write, both before writing.
+    `content`: the checkpoint as `read_checkpoint` gave it, where the caller has read it already.
     """
     from alip.model import unwrap_model
 
@@ -127,7 +129,7 @@ def export_folder(
     if fmt == "transformers":
         check_expressible(model, model_name)
     _claim(out, overwrite)
-    record = collect_run(Path(checkpoint), model, Path(run_dir) if run_dir is not None else None)
+    record = collect_run(Path(checkpoint), model, Path(run_dir) if run_dir is not None else None, content)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)

@@ -127,12 +127,13 @@ def _step_of(run_dir: Path, digest: str) -> int | None:
     return None
 
 
-def collect_run(checkpoint: Path, model: nn.Module, run_dir: Path | None = None) -> RunRecord:
-    """Everything the card may say of `model`, loaded from `checkpoint` (see the module docstring)."""
+def collect_run(checkpoint: Path, model: nn.Module, run_dir: Path | None = None, content: Any = None) -> RunRecord:
+    """Everything the card may say of `model`, loaded from `checkpoint` (see the module docstring); `content`:
+    the checkpoint as `read_checkpoint` gave it, where the caller has read it already."""
     from alip.model import unwrap_model
 
     digest = weights_digest(unwrap_model(model).state_dict())
-    content = read_checkpoint(checkpoint)
+    content = read_checkpoint(checkpoint) if content is None else content
     record = RunRecord(run_dir=run_dir or find_run_dir(checkpoint))
     if isinstance(content, Mapping) and isinstance(content.get("config"), Mapping):
         record.config = dict(content["config"])
